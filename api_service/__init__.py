@@ -1,0 +1,1 @@
+"""The HTTP gateway: validates scan requests, publishes them, answers status reads."""

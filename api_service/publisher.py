@@ -1,0 +1,113 @@
+"""Publishes protocol-v2 task messages with aio-pika on one long-lived channel, with confirms.
+
+Requests share the channel, so their confirms are pipelined: each request awaits only its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+import aio_pika
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.exceptions import AMQPError
+
+from shared.protocol import TaskMessage, queue_arguments
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class PublishFailed(Exception):
+    """The broker did not confirm the message: it may not be queued, so it was not accepted."""
+
+
+class TaskPublisher(Protocol):
+    async def publish(self, message: TaskMessage) -> None: ...
+
+    async def ready(self) -> bool: ...
+
+
+class AmqpPublisher:
+    """The gateway's only path to RabbitMQ."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        try:
+            await self._ensure_channel()
+        except PublishFailed as exc:
+            log.warning("broker not reachable at start, will retry on demand: %s", exc)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = self._channel = None
+
+    async def _ensure_channel(self) -> AbstractRobustChannel:
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._lock:
+            if self._channel is not None and not self._channel.is_closed:
+                return self._channel
+            timeout = self.settings.publish_timeout
+            try:
+                if self._connection is None:
+                    self._connection = await aio_pika.connect_robust(
+                        self.settings.broker_url, timeout=timeout
+                    )
+                channel = await asyncio.wait_for(
+                    self._connection.channel(publisher_confirms=True), timeout
+                )
+                assert isinstance(channel, AbstractRobustChannel)
+                await channel.declare_queue(
+                    self.settings.dead_letter_queue, durable=True, timeout=timeout
+                )
+                await channel.declare_queue(
+                    self.settings.scan_queue,
+                    durable=True,
+                    arguments=queue_arguments(self.settings.dead_letter_queue),
+                    timeout=timeout,
+                )
+            except (AMQPError, OSError, TimeoutError) as exc:
+                if self._connection is not None and self._channel is None:
+                    await self._connection.close()
+                    self._connection = None
+                raise PublishFailed(f"broker unavailable: {exc!r}") from exc
+            self._channel = channel
+            return channel
+
+    async def publish(self, message: TaskMessage) -> None:
+        """Publish and wait for the broker's confirm; raises :class:`PublishFailed` otherwise."""
+        channel = await self._ensure_channel()
+        amqp_message = aio_pika.Message(
+            body=message.body,
+            headers=message.headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            priority=message.priority,
+            correlation_id=message.correlation_id,
+        )
+        try:
+            await channel.default_exchange.publish(
+                amqp_message,
+                routing_key=self.settings.scan_queue,
+                mandatory=True,
+                timeout=self.settings.publish_timeout,
+            )
+        except (AMQPError, OSError, TimeoutError, RuntimeError) as exc:
+            raise PublishFailed(f"broker did not confirm: {exc!r}") from exc
+
+    async def ready(self) -> bool:
+        try:
+            await self._ensure_channel()
+        except PublishFailed:
+            return False
+        return self._connection is not None and not self._connection.is_closed

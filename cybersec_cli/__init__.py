@@ -1,0 +1,1 @@
+"""The ``cybersec`` command line: administration (migrate) and, later, a client of the API."""

@@ -1,0 +1,94 @@
+"""``cybersec dev``: check the services, migrate, and run the API and one worker until Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from urllib.parse import urlsplit
+
+from rich.console import Console
+
+from shared.migrate import migrate
+from shared.settings import ENV_PREFIX, Settings
+
+START_HINTS = {
+    "PostgreSQL": "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+    "Redis": 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no',
+    "RabbitMQ": "rabbitmq-server -detached",
+}
+
+
+def unreachable_services(settings: Settings) -> list[tuple[str, str]]:
+    """(name, address) of every dependency that refuses a TCP connection."""
+    missing = []
+    for name, url, default_port in (
+        ("PostgreSQL", settings.database_url, 5432),
+        ("Redis", settings.redis_url, 6379),
+        ("RabbitMQ", settings.broker_url, 5672),
+    ):
+        parts = urlsplit(url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+        except OSError:
+            missing.append((name, f"{host}:{port}"))
+    return missing
+
+
+def run_dev(settings: Settings, console: Console) -> int:
+    missing = unreachable_services(settings)
+    for name, address in missing:
+        console.print(f"[red]{name} is not reachable at {address}.[/red] Start it with:")
+        console.print(f"    {START_HINTS[name]}")
+    if missing:
+        return 2
+    applied = asyncio.run(migrate(settings.database_url))
+    console.print(f"migrations applied: {', '.join(applied) or 'none pending'}")
+    env = dict(os.environ)
+    children = [
+        subprocess.Popen([sys.executable, "-m", "api_service"], env=env),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "worker_service",
+                f"--concurrency={settings.worker_concurrency}",
+            ],
+            env=env,
+        ),
+    ]
+    console.print(
+        f"API on http://{settings.api_host}:{settings.api_port}, one worker on queue "
+        f"{settings.scan_queue}. Ctrl-C stops both."
+    )
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while not stopping and all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + settings.shutdown_timeout + 5
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    console.print("stopped")
+    return 0 if stopping else 1
+
+
+def dev_environment() -> None:
+    """Development defaults for settings the user did not set."""
+    os.environ.setdefault(f"{ENV_PREFIX}LOG_LEVEL", "INFO")

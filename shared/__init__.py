@@ -1,0 +1,1 @@
+"""The contract between the gateway and the workers: schemas, names, codec, settings, storage."""

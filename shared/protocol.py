@@ -1,0 +1,107 @@
+"""Task and queue names, priorities, and the one builder of Celery protocol-v2 scan messages.
+
+Anything that publishes a scan (the gateway, benchmarks, tests) builds the message here, so the
+wire format a worker must accept is defined in exactly one place.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Final
+from uuid import UUID
+
+from shared import codec
+from shared.schemas import Priority, ScanTaskPayload
+
+SCAN_TASK: Final = "cybersec.scan"
+MAX_PRIORITY: Final = 10
+PRIORITIES: Final[dict[Priority, int]] = {"low": 1, "normal": 4, "high": 7, "critical": 10}
+MAX_DELIVERIES: Final = 5
+"""Deliveries of one message before it is dead-lettered (see the worker's poison guard)."""
+
+
+def queue_arguments(dead_letter_queue: str) -> dict[str, Any]:
+    """Arguments of the scan queue; every declarer must pass exactly these or RabbitMQ refuses."""
+    return {
+        "x-max-priority": MAX_PRIORITY,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dead_letter_queue,
+    }
+
+
+def time_limits(payload: ScanTaskPayload, port_count: int, host_count: int = 1) -> tuple[int, int]:
+    """(hard, soft) seconds for a scan: its worst case with every port filtered, plus slack."""
+    config = payload.config
+    rounds = -(-port_count * host_count // max(config.max_concurrent, 1))
+    worst = rounds * config.timeout
+    soft = int(60 + 2 * worst)
+    return soft + 30, soft
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMessage:
+    """An AMQP message ready to publish: body bytes plus the properties Celery reads."""
+
+    body: bytes
+    headers: dict[str, Any]
+    correlation_id: str
+    priority: int
+    content_type: str = codec.CONTENT_TYPE
+    content_encoding: str = codec.CONTENT_ENCODING
+    delivery_mode: int = 2
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+_ORIGIN: Final = f"gateway@{socket.gethostname()}:{os.getpid()}"
+
+
+def build_scan_message(
+    task_id: UUID,
+    payload: ScanTaskPayload,
+    *,
+    port_count: int,
+    host_count: int = 1,
+    origin: str = _ORIGIN,
+) -> TaskMessage:
+    """A Celery message protocol v2 message running ``SCAN_TASK(payload)``."""
+    args = [payload.model_dump(mode="json")]
+    kwargs: dict[str, Any] = {}
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    hard, soft = time_limits(payload, port_count, host_count)
+    tid = str(task_id)
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": SCAN_TASK,
+        "id": tid,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [hard, soft],
+        "root_id": tid,
+        "parent_id": None,
+        "argsrepr": repr((payload.target, payload.ports)),
+        "kwargsrepr": "{}",
+        "origin": origin,
+        "ignore_result": False,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    return TaskMessage(
+        body=codec.dumps([args, kwargs, embed]),
+        headers=headers,
+        correlation_id=tid,
+        priority=PRIORITIES[payload.priority],
+    )
+
+
+def result_key(redis_prefix: str, task_id: UUID | str) -> str:
+    """The Redis key Celery's result backend keeps a task's state under (``global_keyprefix``)."""
+    if redis_prefix and redis_prefix[-1] not in ":_-.":
+        redis_prefix += "_"
+    return f"{redis_prefix}celery-task-meta-{task_id}"

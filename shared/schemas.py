@@ -1,0 +1,119 @@
+"""Request, task-payload and result models: the versioned data both services exchange."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.ports import format_port_spec, parse_port_spec
+from shared.targets import parse_target
+
+Priority = Literal["low", "normal", "high", "critical"]
+PortState = Literal["open", "closed", "filtered"]
+ScanState = Literal["queued", "running", "completed", "failed", "revoked"]
+TaskState = Literal["PENDING", "STARTED", "PROGRESS", "SUCCESS", "FAILURE", "RETRY", "REVOKED"]
+
+PAYLOAD_VERSION: Literal[1] = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScanConfig(_Strict):
+    scan_type: Literal["TCP"] = "TCP"
+    timeout: float = Field(default=1.0, gt=0, le=30, description="Seconds per connect attempt")
+    max_concurrent: int = Field(default=500, ge=1, le=20_000, description="Connects in flight")
+
+
+class ScanRequest(_Strict):
+    target: str = Field(max_length=255, description="IP address, hostname or CIDR block")
+    ports: str = Field(default="1-1000", max_length=4096, description='e.g. "22,80,8000-8100"')
+    config: ScanConfig = Field(default_factory=ScanConfig)
+    priority: Priority = "normal"
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, value: str) -> str:
+        return parse_target(value).value
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, value: str) -> str:
+        return format_port_spec(parse_port_spec(value))
+
+
+class ScanTaskPayload(_Strict):
+    """The single positional argument of the scan task, as it travels on the wire."""
+
+    version: Literal[1] = PAYLOAD_VERSION
+    scan_id: UUID
+    target: str
+    ports: str
+    config: ScanConfig
+    priority: Priority
+
+
+class PortResult(_Strict):
+    port: int
+    state: PortState
+    address: str | None = None
+    reason: str | None = None
+    service: str | None = None
+    banner: str | None = None
+    product: str | None = None
+    version: str | None = None
+
+
+class ScanResult(_Strict):
+    scan_id: UUID
+    target: str
+    addresses: list[str] = Field(default_factory=list)
+    ports: str
+    total_ports_scanned: int
+    open_ports: list[PortResult]
+    closed_ports: int = 0
+    filtered_ports: int = 0
+    status: Literal["completed"] = "completed"
+    progress: int = 100
+    started_at: datetime
+    finished_at: datetime
+    duration_seconds: float
+
+
+class ScanProgress(_Strict):
+    """The ``meta`` of a PROGRESS state update."""
+
+    status: str
+    progress: int = Field(ge=0, le=100)
+    tier: str | None = None
+    ports_scanned: int = 0
+    total_ports: int = 0
+    open_ports: list[int] = Field(default_factory=list)
+
+
+class ScanAccepted(_Strict):
+    task_id: UUID
+    scan_id: UUID
+    status: Literal["queued"] = "queued"
+    message: str
+
+
+class ScanStatus(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: UUID
+    scan_id: UUID
+    state: TaskState
+    status: str
+    progress: int = 0
+    tier: str | None = None
+    ports_scanned: int | None = None
+    total_ports: int | None = None
+    open_ports_found: list[int] | None = None
+    result: ScanResult | None = None
+    error: str | None = None
+    created_at: datetime | None = None

@@ -1,0 +1,65 @@
+"""One frozen settings object, read from ``CYBERSEC_*`` environment variables at process start."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "CYBERSEC_"
+
+
+class Settings(BaseSettings):
+    """Everything a process of either service needs to know about its surroundings."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/cybersec"
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+
+    queue_prefix: str = "cybersec"
+    """Prefix of every queue name: lets two deployments (or test runs) share one broker."""
+    redis_prefix: str = "cybersec:"
+    """Prefix of every Redis key, the Celery result backend's included."""
+
+    result_ttl: int = Field(default=86_400, ge=60)
+    """Seconds a task's state stays in Redis; PostgreSQL keeps it after that."""
+    publish_timeout: float = Field(default=5.0, gt=0)
+    """Seconds the gateway waits for the broker's confirm before answering 503."""
+    max_request_bytes: int = Field(default=65_536, ge=1024)
+    max_ports: int = Field(default=65_535, ge=1, le=65_535)
+    max_hosts: int = Field(default=256, ge=1, le=65_536)
+    """Largest number of addresses one scan may cover (a /24 by default)."""
+    max_concurrency: int = Field(default=5_000, ge=1)
+    db_pool_size: int = Field(default=10, ge=1)
+    worker_concurrency: int = Field(default=2, ge=1)
+    shutdown_timeout: int = Field(default=20, ge=1, le=600)
+    """Seconds a worker's soft shutdown lets running scans finish before requeueing them.
+    systemd, supervisor, compose and Helm stop timeouts are set above this bound."""
+    heartbeat_file: str = "/tmp/cybersec-worker.heartbeat"  # noqa: S108 - an emptyDir in k8s
+    """File a worker touches every second; its age is the worker's liveness probe."""
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+    """Worker's Prometheus port (0: off). The API serves ``/metrics`` on its own port."""
+    log_level: str = "INFO"
+
+    @field_validator("queue_prefix")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("queue_prefix must be a non-empty name without spaces")
+        return value
+
+    @property
+    def scan_queue(self) -> str:
+        return f"{self.queue_prefix}.scans"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.queue_prefix}.scans.dead"
+
+
+def load_settings() -> Settings:
+    """Read the environment once; call at process start and pass the result on."""
+    return Settings()

@@ -1,0 +1,201 @@
+"""Fixtures that give each test run its own database, queues and Redis key prefix.
+
+Everything talks to the real PostgreSQL, Redis and RabbitMQ on this machine; a run's names all
+carry one random id, so two runs never collide, and everything is removed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aio_pika
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from shared.migrate import drop_database, migrate
+from shared.settings import ENV_PREFIX, Settings
+from shared.store import ScanStore, create_pool
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process read exactly these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    for name, value in settings.model_dump().items():
+        env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    return secrets.token_hex(4)
+
+
+@pytest.fixture(scope="session")
+def run_dir(run_id: str) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix=f"cybersec-test-{run_id}-") as path:
+        yield Path(path)
+
+
+@pytest.fixture(scope="session")
+def settings(run_id: str, run_dir: Path) -> Settings:
+    base = Settings()
+    database = base.database_url.rsplit("/", 1)[0] + f"/cybersec_test_{run_id}"
+    return base.model_copy(
+        update={
+            "database_url": database,
+            "queue_prefix": f"test-{run_id}",
+            "redis_prefix": f"test-{run_id}:",
+            "api_port": free_port(),
+            "heartbeat_file": str(run_dir / "worker.heartbeat"),
+            "metrics_port": 0,
+            "publish_timeout": 3.0,
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+async def database(settings: Settings) -> AsyncIterator[str]:
+    await migrate(settings.database_url)
+    yield settings.database_url
+    await drop_database(settings.database_url)
+
+
+@pytest.fixture(scope="session")
+async def store(database: str) -> AsyncIterator[ScanStore]:
+    pool = await create_pool(database, max_size=4)
+    yield ScanStore(pool)
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(settings.redis_url)
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"{settings.redis_prefix}*", count=500)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+async def broker_cleanup(settings: Settings) -> AsyncIterator[None]:
+    yield
+    connection = await aio_pika.connect(settings.broker_url)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (settings.scan_queue, settings.dead_letter_queue):
+            await channel.queue_delete(queue)
+
+
+class Process:
+    """A child process of the test run, stopped with SIGTERM (then SIGKILL) at teardown."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._log_file = log.open("wb")
+        self.popen = subprocess.Popen(
+            args, env=env, cwd=ROOT, stdout=self._log_file, stderr=subprocess.STDOUT
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.alive():
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+        self._log_file.close()
+        return self.popen.returncode
+
+
+def wait_until(predicate: object, what: str, process: Process, timeout: float = 30) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.alive():
+            pytest.fail(f"{what}: process exited early:\n{process.output()[-4000:]}")
+        if predicate():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{what} not ready within {timeout}s:\n{process.output()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def worker(
+    settings: Settings, database: str, run_dir: Path, broker_cleanup: None, redis_client: object
+) -> Iterator[Process]:
+    """A real Celery worker (prefork, 2 processes) on this run's queue."""
+    heartbeat = Path(settings.heartbeat_file)
+    args = [sys.executable, "-m", "worker_service", "--concurrency=2", "--without-mingle"]
+    process = Process(args, settings_env(settings), run_dir / "worker.log")
+    wait_until(heartbeat.exists, "worker heartbeat", process)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def api(settings: Settings, database: str, run_dir: Path, broker_cleanup: None) -> Iterator[str]:
+    """The gateway under uvicorn as a separate process; yields its base URL."""
+    base_url = f"http://{settings.api_host}:{settings.api_port}"
+    process = Process(
+        [sys.executable, "-m", "api_service"], settings_env(settings), run_dir / "api.log"
+    )
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, "API /readyz", process)
+    yield base_url
+    process.stop()
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A loopback port that never answers a SYN: a listener whose accept queue is full."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    fillers: list[socket.socket] = []
+    try:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port: int = server.getsockname()[1]
+        # Linux queues backlog + 1 connections; once full, further SYNs are dropped silently.
+        for _ in range(2):
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        time.sleep(0.1)
+        yield port
+    finally:
+        for sock in fillers:
+            sock.close()
+        server.close()

@@ -1,0 +1,160 @@
+"""The whole path: HTTP -> gateway -> RabbitMQ -> Celery worker -> Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from shared.protocol import result_key
+from shared.settings import Settings
+from shared.store import ScanStore
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def listeners() -> Iterator[list[int]]:
+    """Five listening sockets on 127.0.0.1 in a small window of ports."""
+    sockets: list[socket.socket] = []
+    try:
+        first = socket.create_server(("127.0.0.1", 0))
+        sockets.append(first)
+        base = first.getsockname()[1]
+        for port in range(base + 2, base + 40, 3):
+            if len(sockets) == 5:
+                break
+            try:
+                sockets.append(socket.create_server(("127.0.0.1", port)))
+            except OSError:
+                continue
+        yield sorted(s.getsockname()[1] for s in sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def poll(client: httpx.Client, task_id: str, timeout: float = 30) -> list[dict[str, Any]]:
+    """Every distinct state seen until a final one, polling with a deadline."""
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = client.get(f"/api/scan/{task_id}")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        if not seen or seen[-1]["state"] != body["state"]:
+            seen.append(body)
+        if body["state"] in ("SUCCESS", "FAILURE", "REVOKED"):
+            return seen
+        time.sleep(0.05)
+    pytest.fail(f"scan {task_id} did not finish: {seen}")
+
+
+def test_scan_finds_exactly_the_ports_opened(
+    api: str, worker: object, listeners: list[int], settings: Settings
+) -> None:
+    spec = f"{listeners[0] - 2}-{listeners[-1] + 2}"
+    with httpx.Client(base_url=api, timeout=10) as client:
+        response = client.post(
+            "/api/scan",
+            json={
+                "target": "127.0.0.1",
+                "ports": spec,
+                "config": {"scan_type": "TCP", "timeout": 1.0, "max_concurrent": 500},
+            },
+        )
+        assert response.status_code == 202, response.text
+        accepted = response.json()
+        assert set(accepted) == {"task_id", "scan_id", "status", "message"}
+        assert accepted["status"] == "queued"
+        states = poll(client, accepted["task_id"])
+
+    final = states[-1]
+    assert final["state"] == "SUCCESS", final
+    result = final["result"]
+    assert [p["port"] for p in result["open_ports"]] == listeners
+    assert all(p["state"] == "open" for p in result["open_ports"])
+    assert result["total_ports_scanned"] == listeners[-1] - listeners[0] + 5
+    assert result["status"] == "completed"
+    assert result["progress"] == 100
+    assert result["scan_id"] == accepted["scan_id"]
+    assert result["started_at"] <= result["finished_at"]
+
+
+async def test_finished_scan_is_stored_and_outlives_redis(
+    api: str,
+    worker: object,
+    listeners: list[int],
+    settings: Settings,
+    store: ScanStore,
+    redis_client: aioredis.Redis,
+) -> None:
+    async with httpx.AsyncClient(base_url=api, timeout=10) as client:
+        response = await client.post(
+            "/api/scan",
+            json={"target": "127.0.0.1", "ports": ",".join(map(str, listeners))},
+        )
+        assert response.status_code == 202, response.text
+        task_id = response.json()["task_id"]
+        deadline = time.monotonic() + 30
+        body: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            body = (await client.get(f"/api/scan/{task_id}")).json()
+            if body["state"] == "SUCCESS":
+                break
+        assert body["state"] == "SUCCESS", body
+
+        row = await store.get_by_task(UUID(task_id))
+        assert row is not None
+        assert row.state == "completed"
+        assert row.target == "127.0.0.1"
+        assert row.ports == ",".join(map(str, listeners))
+        assert row.priority == "normal"
+        assert row.attempts == 1
+        assert row.result is not None
+        assert [p.port for p in row.result.open_ports] == listeners
+
+        # The Redis entry expires after result_ttl; PostgreSQL still answers.
+        assert await redis_client.delete(result_key(settings.redis_prefix, task_id)) == 1
+        after = (await client.get(f"/api/scan/{task_id}")).json()
+        assert after["state"] == "SUCCESS"
+        assert [p["port"] for p in after["result"]["open_ports"]] == listeners
+
+
+def test_progress_is_reported_while_scanning(
+    api: str, worker: object, listeners: list[int], silent_port: int
+) -> None:
+    # The silent port holds the scan for its whole timeout, long enough to see PROGRESS.
+    ports = ",".join(map(str, [*listeners, silent_port]))
+    with httpx.Client(base_url=api, timeout=10) as client:
+        response = client.post(
+            "/api/scan",
+            json={"target": "127.0.0.1", "ports": ports, "config": {"timeout": 2.0}},
+        )
+        assert response.status_code == 202
+        states = poll(client, response.json()["task_id"], timeout=60)
+    names = [s["state"] for s in states]
+    assert names[-1] == "SUCCESS"
+    progress = [s for s in states if s["state"] == "PROGRESS"]
+    assert progress, names
+    assert 0 <= progress[0]["progress"] < 100
+    assert progress[0]["status"] == "Scanning low priority ports"
+    assert progress[0]["tier"] == "low"
+    assert progress[0]["total_ports"] == len(listeners) + 1
+    result = states[-1]["result"]
+    assert [p["port"] for p in result["open_ports"]] == listeners
+    assert result["filtered_ports"] == 1
+
+
+def test_unknown_task_is_404(api: str) -> None:
+    with httpx.Client(base_url=api, timeout=10) as client:
+        for task_id in ("00000000-0000-0000-0000-000000000000", "not-a-uuid"):
+            response = client.get(f"/api/scan/{task_id}")
+            assert response.status_code == 404
+            assert response.json()["error"]["code"] == "not_found"

@@ -1,0 +1,79 @@
+"""A message built by the gateway's publisher runs on a real worker; stock Celery reads it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from celery import Celery
+from celery.result import AsyncResult
+
+from api_service.publisher import AmqpPublisher
+from shared import codec
+from shared.ports import parse_port_spec
+from shared.protocol import PRIORITIES, SCAN_TASK, build_scan_message
+from shared.schemas import ScanConfig, ScanTaskPayload
+from shared.settings import Settings
+from shared.store import ScanStore
+
+
+@pytest.fixture
+async def publisher(settings: Settings, broker_cleanup: None) -> AsyncIterator[AmqpPublisher]:
+    pub = AmqpPublisher(settings)
+    await pub.start()
+    yield pub
+    await pub.close()
+
+
+@pytest.fixture
+def stock_celery(settings: Settings) -> Iterator[Celery]:
+    """A plain Celery client on the same backend, configured only with the shared codec."""
+    codec.register_with_kombu()
+    app = Celery("contract-client", set_as_current=False)
+    app.conf.update(
+        broker_url=settings.broker_url,
+        result_backend=settings.redis_url,
+        result_backend_transport_options={"global_keyprefix": settings.redis_prefix},
+        result_serializer=codec.CODEC_NAME,
+        result_accept_content=[codec.CODEC_NAME],
+        accept_content=[codec.CODEC_NAME],
+    )
+    yield app
+    app.close()
+
+
+async def test_published_message_runs_on_a_celery_worker(
+    publisher: AmqpPublisher, worker: object, store: ScanStore, stock_celery: Celery
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        spec = f"{port - 1}-{port + 1}"
+        scan_id, task_id = uuid4(), uuid4()
+        config = ScanConfig(timeout=1.0, max_concurrent=10)
+        await store.insert(
+            scan_id=scan_id,
+            task_id=task_id,
+            target="127.0.0.1",
+            ports=spec,
+            config=config,
+            priority="critical",
+        )
+        payload = ScanTaskPayload(
+            scan_id=scan_id, target="127.0.0.1", ports=spec, config=config, priority="critical"
+        )
+        message = build_scan_message(task_id, payload, port_count=len(parse_port_spec(spec)))
+        assert message.headers["task"] == SCAN_TASK
+        assert message.priority == PRIORITIES["critical"]
+        await publisher.publish(message)
+
+        result: AsyncResult[dict[str, Any]] = AsyncResult(str(task_id), app=stock_celery)
+        value = await asyncio.to_thread(result.get, timeout=30)
+    assert result.state == "SUCCESS"
+    assert result.successful()
+    assert [p["port"] for p in value["open_ports"]] == [port]
+    assert value["scan_id"] == str(scan_id)
+    assert value["total_ports_scanned"] == 3

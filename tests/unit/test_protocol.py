@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from uuid import uuid4
+
+import pytest
+from kombu.serialization import dumps as kombu_dumps
+from kombu.serialization import loads as kombu_loads
+
+from shared import codec
+from shared.protocol import (
+    MAX_PRIORITY,
+    PRIORITIES,
+    SCAN_TASK,
+    build_scan_message,
+    queue_arguments,
+    result_key,
+    time_limits,
+)
+from shared.schemas import ScanConfig, ScanTaskPayload
+
+
+def payload(priority: str = "normal", **config: float) -> ScanTaskPayload:
+    return ScanTaskPayload.model_validate(
+        {
+            "scan_id": uuid4(),
+            "target": "127.0.0.1",
+            "ports": "1-1000",
+            "config": ScanConfig.model_validate(config).model_dump(),
+            "priority": priority,
+        }
+    )
+
+
+def test_message_is_celery_protocol_v2() -> None:
+    task_id = uuid4()
+    job = payload("high")
+    message = build_scan_message(task_id, job, port_count=1000)
+    body = codec.loads(message.body)
+    assert len(body) == 3  # a two-element body kills a Celery worker
+    args, kwargs, embed = body
+    assert args == [job.model_dump(mode="json")]
+    assert kwargs == {}
+    assert embed == {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    headers = message.headers
+    for name in (
+        "lang",
+        "task",
+        "id",
+        "root_id",
+        "parent_id",
+        "group",
+        "retries",
+        "eta",
+        "expires",
+        "timelimit",
+        "argsrepr",
+        "kwargsrepr",
+        "origin",
+    ):
+        assert name in headers
+    assert headers["lang"] == "py"
+    assert headers["task"] == SCAN_TASK
+    assert headers["id"] == headers["root_id"] == message.correlation_id == str(task_id)
+    assert headers["retries"] == 0
+    hard, soft = headers["timelimit"]
+    assert hard > soft > 0
+    assert message.delivery_mode == 2
+    assert message.priority == PRIORITIES["high"]
+    assert message.content_type == codec.CONTENT_TYPE
+
+
+def test_priorities_are_ordered_within_the_queue_maximum() -> None:
+    values = [PRIORITIES[p] for p in ("low", "normal", "high", "critical")]
+    assert values == sorted(values)
+    assert len(set(values)) == 4
+    assert max(values) <= MAX_PRIORITY == queue_arguments("dlq")["x-max-priority"]
+
+
+def test_time_limits_grow_with_the_scan() -> None:
+    small = time_limits(payload(timeout=1.0, max_concurrent=500), 1000)
+    large = time_limits(payload(timeout=5.0, max_concurrent=10), 65535)
+    assert small[0] > small[1]
+    assert large[1] > small[1]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "key"),
+    [
+        ("cybersec:", "cybersec:celery-task-meta-X"),
+        ("run", "run_celery-task-meta-X"),
+        ("", "celery-task-meta-X"),
+    ],
+)
+def test_result_key_follows_celery_global_keyprefix(prefix: str, key: str) -> None:
+    assert result_key(prefix, "X") == key
+
+
+def test_codec_round_trips_through_kombu() -> None:
+    codec.register_with_kombu()
+    data = {"a": [1, 2.5, None, "x"], "b": {"c": True}}
+    content_type, encoding, raw = kombu_dumps(data, serializer=codec.CODEC_NAME)
+    assert content_type == codec.CONTENT_TYPE
+    assert kombu_loads(raw, content_type, encoding, accept=[codec.CONTENT_TYPE]) == data

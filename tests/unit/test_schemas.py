@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from shared.schemas import ScanRequest
+
+
+def test_defaults_and_canonical_values() -> None:
+    request = ScanRequest.model_validate({"target": " LOCALHOST. ", "ports": "81,80,82"})
+    assert request.target == "localhost"
+    assert request.ports == "80-82"
+    assert request.priority == "normal"
+    assert request.config.scan_type == "TCP"
+    assert request.config.timeout == 1.0
+    assert request.config.max_concurrent == 500
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"target": "127.0.0.1", "extra": 1},
+        {"target": "127.0.0.1", "config": {"timeout": 0}},
+        {"target": "127.0.0.1", "config": {"timeout": 31}},
+        {"target": "127.0.0.1", "config": {"max_concurrent": 0}},
+        {"target": "127.0.0.1", "priority": "urgent"},
+        {"target": "127.0.0.1", "ports": "80-20"},
+    ],
+)
+def test_rejects(body: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        ScanRequest.model_validate(body)

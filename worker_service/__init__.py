@@ -1,0 +1,1 @@
+"""Celery workers that run scans from RabbitMQ priority queues."""

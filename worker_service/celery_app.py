@@ -1,0 +1,52 @@
+"""The Celery application, built from settings: queues, routing, QoS, codec, result backend."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from shared import codec
+from shared.protocol import SCAN_TASK, queue_arguments
+from shared.settings import Settings
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app bound to these settings; importing this module starts nothing."""
+    codec.register_with_kombu()
+    app = Celery("cybersec", set_as_current=False)
+    scan_queue = Queue(
+        settings.scan_queue,
+        routing_key=settings.scan_queue,
+        queue_arguments=queue_arguments(settings.dead_letter_queue),
+        durable=True,
+    )
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        result_backend=settings.redis_url,
+        result_backend_transport_options={"global_keyprefix": settings.redis_prefix},
+        result_expires=settings.result_ttl,
+        result_extended=False,
+        task_serializer=codec.CODEC_NAME,
+        result_serializer=codec.CODEC_NAME,
+        accept_content=[codec.CODEC_NAME],
+        result_accept_content=[codec.CODEC_NAME],
+        task_queues=[scan_queue],
+        task_default_queue=settings.scan_queue,
+        task_routes={SCAN_TASK: {"queue": settings.scan_queue}},
+        task_queue_max_priority=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=settings.worker_concurrency,
+        worker_hijack_root_logger=False,
+        worker_soft_shutdown_timeout=float(settings.shutdown_timeout),
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_heartbeat=30,
+        task_track_started=False,
+        enable_utc=True,
+    )
+    app.conf.cybersec_settings = settings
+    return app
