@@ -50,8 +50,9 @@ def run_dev(settings: Settings, console: Console) -> int:
     applied = asyncio.run(migrate(settings.database_url))
     console.print(f"migrations applied: {', '.join(applied) or 'none pending'}")
     env = dict(os.environ)
+    # Own sessions: a terminal's Ctrl-C reaches only this process, which stops each child once.
     children = [
-        subprocess.Popen([sys.executable, "-m", "api_service"], env=env),
+        subprocess.Popen([sys.executable, "-m", "api_service"], env=env, start_new_session=True),
         subprocess.Popen(
             [
                 sys.executable,
