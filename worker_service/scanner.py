@@ -1,20 +1,18 @@
-"""The TCP connect scan engine: ports are swept tier by tier off the event loop.
+"""The TCP connect scan engine: ports are swept tier by tier, off the event loop.
 
-A tier is swept by the epoll loop of ``worker_service.shards``: in a worker thread for small
-tiers, or in one shard process per CPU for large ones (a Python process tops out near 50k
-connects/s on loopback; two shards reach nmap's rate and beyond). The event loop only receives
-throttled progress and the final outcomes.
+Each tier is swept by the epoll loop in ``worker_service.shards``, in the calling thread for
+small tiers or in one shard process per CPU for large ones: one Python process tops out near
+50k connects/s on loopback, two pass nmap's ~45k. ``scan_host`` runs the whole blocking scan in
+an executor thread; the event loop only receives throttled progress and the outcomes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import ipaddress
-import json
 import os
-import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from resource import RLIMIT_NOFILE, getrlimit
@@ -32,11 +30,6 @@ SHARD_MIN_PORTS: Final = 4096
 """Below this many ports in a tier, starting shard processes costs more than it saves."""
 PROGRESS_INTERVAL: Final = 0.25
 """Seconds between progress events within a tier; a full-range scan emits a handful, not 65k."""
-_SHARD_OUTPUT_LIMIT: Final = 1 << 24
-
-
-class ScanEngineError(RuntimeError):
-    """The engine itself failed (a shard process died); says nothing about the target."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,34 +56,30 @@ def effective_concurrency(requested: int) -> int:
     return max(1, min(requested, soft - _RESERVED_FDS))
 
 
-def available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) or 1
-
-
 def shard_count(ports: int, requested: int | None = None) -> int:
-    """Processes to sweep this many ports with: one per CPU for large tiers, else one."""
+    """Processes to sweep a tier of this many ports with: one per CPU for large tiers."""
     if requested is not None:
         return max(1, min(requested, ports))
     if ports < SHARD_MIN_PORTS:
         return 1
-    return max(1, min(available_cpus(), ports // (SHARD_MIN_PORTS // 2)))
+    cpus = len(os.sched_getaffinity(0)) or 1
+    return max(1, min(cpus, ports // (SHARD_MIN_PORTS // 2)))
 
 
 class _Progress:
-    """Counts finished ports and forwards them to the callback at most every interval."""
+    """Counts finished ports; calls back at tier starts, at most every interval, and at the end."""
 
     def __init__(self, callback: ProgressCallback | None, total: int, interval: float) -> None:
         self._callback = callback
         self._total = total
         self._interval = interval
-        self._loop = asyncio.get_running_loop()
         self._last = 0.0
         self.tier = ""
         self.scanned = 0
         self.open_ports: list[int] = []
 
     def emit(self) -> None:
-        self._last = self._loop.time()
+        self._last = time.monotonic()
         if self._callback is not None:
             event = ScanProgressEvent(self.tier, self.scanned, self._total, sorted(self.open_ports))
             self._callback(event)
@@ -102,8 +91,67 @@ class _Progress:
     def advance(self, count: int, opened: list[int]) -> None:
         self.scanned += count
         self.open_ports.extend(opened)
-        if self._loop.time() - self._last >= self._interval:
+        if time.monotonic() - self._last >= self._interval:
             self.emit()
+
+
+def scan_blocking(
+    address: str,
+    ports: Sequence[int],
+    *,
+    timeout: float,
+    concurrency: int,
+    on_progress: ProgressCallback | None = None,
+    shard_processes: int | None = None,
+    progress_interval: float = PROGRESS_INTERVAL,
+    stop: threading.Event | None = None,
+) -> list[PortOutcome]:
+    """``scan_host`` without the event loop: blocks the calling thread, calls back in it.
+
+    A set ``stop`` ends the scan early (within ~0.1 s); the outcomes are then incomplete.
+    """
+    ipaddress.ip_address(address.partition("%")[0])  # hostnames are resolved by the caller
+    tiers = order_by_tier(ports)
+    total = sum(len(tier_ports) for _tier, tier_ports in tiers)
+    inflight = effective_concurrency(concurrency)
+    progress = _Progress(on_progress, total, progress_interval)
+    tick_interval = progress_interval / 2
+    notable: dict[int, Outcome] = {}
+    for tier, tier_ports in tiers:
+        if stop is not None and stop.is_set():
+            break
+        progress.start_tier(tier)
+        count = shard_count(len(tier_ports), shard_processes)
+        if count == 1:
+            found = shards.sweep(
+                address,
+                tier_ports,
+                timeout=timeout,
+                inflight=inflight,
+                on_tick=progress.advance,
+                tick_interval=tick_interval,
+                stop=stop,
+            )
+        else:
+            found = shards.sweep_sharded(
+                address,
+                tier_ports,
+                timeout=timeout,
+                inflight=inflight,
+                shards=count,
+                on_tick=progress.advance,
+                tick_interval=tick_interval,
+                stop=stop,
+            )
+        notable.update(found)
+    if tiers:
+        progress.emit()
+    scanned = sorted(port for _tier, tier_ports in tiers for port in tier_ports)
+    return [_outcome(port, notable.get(port, REFUSED)) for port in scanned]
+
+
+def _outcome(port: int, outcome: Outcome) -> PortOutcome:
+    return PortOutcome(port, cast("PortState", outcome[0]), outcome[1])
 
 
 async def scan_host(
@@ -121,130 +169,34 @@ async def scan_host(
 
     ``timeout`` bounds each connect from its own attempt. ``concurrency`` is the connects in
     flight, capped by the open-file limit and split across shard processes. ``on_progress``
-    runs on the event loop at each tier start, at most every ``progress_interval`` seconds
-    within a tier, and once at the end. ``shard_processes`` overrides the automatic choice.
+    runs on the event loop's thread at each tier start, at most every ``progress_interval``
+    seconds within a tier, and once at the end. ``shard_processes`` overrides the automatic
+    choice of one process per CPU for tiers of ``SHARD_MIN_PORTS`` or more.
     """
-    ipaddress.ip_address(address.partition("%")[0])  # hostnames are resolved by the caller
-    tiers = order_by_tier(ports)
-    total = sum(len(tier_ports) for _tier, tier_ports in tiers)
-    budget = effective_concurrency(concurrency)
-    progress = _Progress(on_progress, total, progress_interval)
-    notable: dict[int, Outcome] = {}
-    for tier, tier_ports in tiers:
-        progress.start_tier(tier)
-        count = shard_count(len(tier_ports), shard_processes)
-        if count == 1:
-            found = await _sweep_in_thread(address, tier_ports, timeout, budget, progress)
-        else:
-            found = await _sweep_in_shards(address, tier_ports, timeout, budget, count, progress)
-        notable.update(found)
-    if tiers:
-        progress.emit()
-    scanned = sorted(port for _tier, tier_ports in tiers for port in tier_ports)
-    return [_outcome(port, notable.get(port, REFUSED)) for port in scanned]
+    # Imported here: asyncio costs ~40 ms to import, which a one-shot scan CLI need not pay.
+    import asyncio
 
-
-def _outcome(port: int, outcome: Outcome) -> PortOutcome:
-    return PortOutcome(port, cast("PortState", outcome[0]), outcome[1])
-
-
-async def _sweep_in_thread(
-    address: str, ports: list[int], timeout: float, inflight: int, progress: _Progress
-) -> dict[int, Outcome]:
     loop = asyncio.get_running_loop()
     stop = threading.Event()
+    forward: ProgressCallback | None = None
+    if on_progress is not None:
+        callback = on_progress
 
-    def tick(count: int, opened: list[int]) -> None:
-        loop.call_soon_threadsafe(progress.advance, count, opened)
+        def forward(event: ScanProgressEvent) -> None:
+            loop.call_soon_threadsafe(callback, event)
 
     job = functools.partial(
-        shards.sweep,
+        scan_blocking,
         address,
         ports,
         timeout=timeout,
-        inflight=inflight,
-        on_tick=tick,
-        tick_interval=PROGRESS_INTERVAL / 2,
+        concurrency=concurrency,
+        on_progress=forward,
+        shard_processes=shard_processes,
+        progress_interval=progress_interval,
         stop=stop,
     )
     try:
         return await loop.run_in_executor(None, job)
     finally:
-        stop.set()  # a cancelled scan's thread ends within one short epoll wait
-
-
-async def _sweep_in_shards(
-    address: str,
-    ports: list[int],
-    timeout: float,
-    budget: int,
-    count: int,
-    progress: _Progress,
-) -> dict[int, Outcome]:
-    size = -(-len(ports) // count)
-    chunks = [ports[i : i + size] for i in range(0, len(ports), size)]
-    inflight = max(1, budget // len(chunks))
-    procs: list[asyncio.subprocess.Process] = []
-    try:
-        for _chunk in chunks:
-            procs.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-I",
-                    "-S",
-                    shards.__file__,
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    limit=_SHARD_OUTPUT_LIMIT,
-                )
-            )
-        results = await asyncio.gather(
-            *(
-                _run_shard(proc, address, chunk, timeout, inflight, progress)
-                for proc, chunk in zip(procs, chunks, strict=True)
-            )
-        )
-    finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    notable: dict[int, Outcome] = {}
-    for result in results:
-        notable.update(result)
-    return notable
-
-
-async def _run_shard(
-    proc: asyncio.subprocess.Process,
-    address: str,
-    ports: list[int],
-    timeout: float,
-    inflight: int,
-    progress: _Progress,
-) -> dict[int, Outcome]:
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    job = {
-        "address": address,
-        "ports": shards.encode_ranges(ports),
-        "timeout": timeout,
-        "inflight": inflight,
-        "tick": PROGRESS_INTERVAL / 2,
-    }
-    proc.stdin.write(json.dumps(job).encode())
-    await proc.stdin.drain()
-    proc.stdin.close()
-    result: dict[int, Outcome] | None = None
-    async for line in proc.stdout:
-        parsed = shards.parse_line(line)
-        if isinstance(parsed, dict):
-            result = parsed
-        else:
-            progress.advance(*parsed)
-    errors = await proc.stderr.read()
-    await proc.wait()
-    if result is None or proc.returncode != 0:
-        detail = errors.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise ScanEngineError(f"shard exited with {proc.returncode}: {detail[0]}")
-    return result
+        stop.set()  # a cancelled scan's thread and shard processes end within ~0.1 s

@@ -1,0 +1,1 @@
+"""Benchmarks: the scan engine against nmap inside a private network namespace."""
