@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
 
+from api_service.auth import Authenticator
 from api_service.errors import EXCEPTION_HANDLERS
+from api_service.events import EventWriter
+from api_service.limits import Limiter
 from api_service.publisher import AmqpPublisher, TaskPublisher
 from api_service.routes import routes
 from api_service.status import StatusReader
+from shared.keys import KeyStore
+from shared.policy import TargetPolicy
 from shared.settings import Settings
 from shared.store import ScanStore, create_pool
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -23,9 +31,22 @@ class Services:
 
     settings: Settings
     store: ScanStore
+    keys: KeyStore
+    auth: Authenticator
     redis: aioredis.Redis
     publisher: TaskPublisher
     status: StatusReader
+    limiter: Limiter
+    policy: TargetPolicy
+    events: EventWriter
+
+
+async def register_env_keys(keys: KeyStore, settings: Settings) -> None:
+    """Keys from CYBERSEC_API_KEYS are stored as hashes like any other, named by position."""
+    for index, key in enumerate(settings.api_keys, start=1):
+        await keys.create(f"env-{index}", key=key, source="env")
+    if settings.api_keys:
+        log.info("registered %d API key(s) from CYBERSEC_API_KEYS", len(settings.api_keys))
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -33,17 +54,29 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, max_size=settings.db_pool_size)
         redis = aioredis.Redis.from_url(
-            settings.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0
+            settings.redis_url, socket_timeout=3.0, socket_connect_timeout=1.0
         )
         publisher = AmqpPublisher(settings)
         await publisher.start()
         store = ScanStore(pool)
+        keys = KeyStore(pool)
+        await register_env_keys(keys, settings)
         app.state.services = Services(
             settings=settings,
             store=store,
+            keys=keys,
+            auth=Authenticator(keys),
             redis=redis,
             publisher=publisher,
             status=StatusReader(store, redis, settings.redis_prefix),
+            limiter=Limiter(
+                redis,
+                settings.redis_prefix,
+                settings.rate_limit_per_minute,
+                settings.max_active_scans,
+            ),
+            policy=TargetPolicy(settings.target_allow, settings.target_deny),
+            events=EventWriter(redis, settings.redis_prefix, settings.result_ttl),
         )
         try:
             yield

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from api_service.errors import ApiError
-from shared.protocol import result_key
+from shared.redis_keys import result_key
 from shared.schemas import ScanResult, ScanStatus
 from shared.store import ScanRow, ScanStore
 
@@ -44,13 +44,21 @@ class StatusReader:
         meta: dict[str, Any] = orjson.loads(raw)
         return meta
 
-    async def read(self, task_id: UUID) -> ScanStatus:
+    async def row(self, task_id: UUID, owner: UUID) -> ScanRow:
+        """The owner's scan; another key's scan is a 404 like a missing one."""
         try:
-            row = await self.store.get_by_task(task_id)
+            row = await self.store.get_by_task(task_id, owner)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             raise ApiError(503, "database unavailable", headers={"Retry-After": "5"}) from exc
         if row is None:
             raise ApiError(404, f"no scan with task id {task_id}")
+        return row
+
+    async def read(self, task_id: UUID, owner: UUID) -> ScanStatus:
+        return await self.for_row(await self.row(task_id, owner))
+
+    async def for_row(self, row: ScanRow) -> ScanStatus:
+        task_id = row.task_id
         if row.state in ("completed", "failed", "revoked"):
             return from_row(row)
         meta = await self._meta(task_id)

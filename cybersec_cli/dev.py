@@ -9,10 +9,12 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from rich.console import Console
 
+from shared.keys import generate_key
 from shared.migrate import migrate
 from shared.settings import ENV_PREFIX, Settings
 
@@ -40,7 +42,7 @@ def unreachable_services(settings: Settings) -> list[tuple[str, str]]:
     return missing
 
 
-def run_dev(settings: Settings, console: Console) -> int:
+def run_dev(settings: Settings, console: Console, api_key: str) -> int:
     missing = unreachable_services(settings)
     for name, address in missing:
         console.print(f"[red]{name} is not reachable at {address}.[/red] Start it with:")
@@ -63,9 +65,14 @@ def run_dev(settings: Settings, console: Console) -> int:
             env=env,
         ),
     ]
+    base = f"http://{settings.api_host}:{settings.api_port}"
     console.print(
-        f"API on http://{settings.api_host}:{settings.api_port}, one worker on queue "
-        f"{settings.scan_queue}. Ctrl-C stops both."
+        f"API on {base}, one worker on queue {settings.scan_queue}. Ctrl-C stops both.\n"
+        f"Development API key: [bold]{api_key}[/bold]\nTry:\n"
+        f"  curl -s -X POST {base}/api/scan -H 'authorization: Bearer {api_key}' "
+        '-H \'content-type: application/json\' -d \'{"target":"127.0.0.1","ports":"1-1000"}\'',
+        highlight=False,
+        soft_wrap=True,
     )
     stopping = False
 
@@ -90,6 +97,25 @@ def run_dev(settings: Settings, console: Console) -> int:
     return 0 if stopping else 1
 
 
-def dev_environment() -> None:
-    """Development defaults for settings the user did not set."""
-    os.environ.setdefault(f"{ENV_PREFIX}LOG_LEVEL", "INFO")
+DEV_KEY_FILE = Path(".run/dev-api-key")
+
+
+def dev_environment() -> str:
+    """Development defaults for settings the user did not set; returns the API key to use.
+
+    The key is made once and kept in ``.run/dev-api-key`` (git ignores ``.run/``), so
+    restarts keep working with the same key. Scans of 127.0.0.0/8 and ::1 are allowed.
+    """
+    os.environ.setdefault(f"{ENV_PREFIX}TARGET_ALLOW", "127.0.0.0/8,::1")
+    configured = os.environ.get(f"{ENV_PREFIX}API_KEYS", "").strip()
+    if configured:
+        return configured.split(",")[0].strip()
+    if DEV_KEY_FILE.exists():
+        key = DEV_KEY_FILE.read_text().strip()
+    else:
+        key = generate_key()
+        DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
+        DEV_KEY_FILE.write_text(key + "\n")
+        DEV_KEY_FILE.chmod(0o600)
+    os.environ[f"{ENV_PREFIX}API_KEYS"] = key
+    return key

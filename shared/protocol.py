@@ -98,10 +98,3 @@ def build_scan_message(
         correlation_id=tid,
         priority=PRIORITIES[payload.priority],
     )
-
-
-def result_key(redis_prefix: str, task_id: UUID | str) -> str:
-    """The Redis key Celery's result backend keeps a task's state under (``global_keyprefix``)."""
-    if redis_prefix and redis_prefix[-1] not in ":_-.":
-        redis_prefix += "_"
-    return f"{redis_prefix}celery-task-meta-{task_id}"

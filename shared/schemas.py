@@ -77,7 +77,7 @@ class ScanResult(_Strict):
     open_ports: list[PortResult]
     closed_ports: int = 0
     filtered_ports: int = 0
-    status: Literal["completed"] = "completed"
+    status: Literal["completed", "revoked"] = "completed"
     progress: int = 100
     started_at: datetime
     finished_at: datetime
@@ -117,3 +117,21 @@ class ScanStatus(BaseModel):
     result: ScanResult | None = None
     error: str | None = None
     created_at: datetime | None = None
+
+
+class ScanSummary(_Strict):
+    task_id: UUID
+    scan_id: UUID
+    target: str
+    ports: str
+    priority: Priority
+    state: ScanState
+    created_at: datetime
+    finished_at: datetime | None = None
+    open_ports: int | None = None
+    error: str | None = None
+
+
+class ScanPage(_Strict):
+    items: list[ScanSummary]
+    next_cursor: str | None = None

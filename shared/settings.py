@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CYBERSEC_"
 
@@ -12,6 +15,9 @@ class Settings(BaseSettings):
     """Everything a process of either service needs to know about its surroundings."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    """``production`` refuses the well-known development credentials."""
 
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -43,6 +49,38 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     """Worker's Prometheus port (0: off). The API serves ``/metrics`` on its own port."""
     log_level: str = "INFO"
+
+    api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    """Comma-separated API keys registered (as hashes) at API start, e.g. from a k8s Secret."""
+    target_allow: Annotated[tuple[str, ...], NoDecode] = ()
+    """CIDRs, addresses, hostnames or ``*.domain`` wildcards lifted out of the default deny."""
+    target_deny: Annotated[tuple[str, ...], NoDecode] = ()
+    """CIDRs, addresses, hostnames or ``*.domain`` wildcards never scanned; deny wins."""
+    rate_limit_per_minute: int = Field(default=60, ge=1)
+    """Scan submissions one API key may make per minute."""
+    max_active_scans: int = Field(default=10, ge=1)
+    """Scans one API key may have queued or running at once."""
+    resolve_timeout: float = Field(default=3.0, gt=0)
+    """Seconds the gateway and the worker wait for a hostname to resolve."""
+
+    @field_validator("api_keys", "target_allow", "target_deny", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _no_placeholders_in_production(self) -> Settings:
+        if self.environment != "production":
+            return self
+        broker = urlsplit(self.broker_url)
+        if broker.username == "guest" and broker.password == "guest":  # noqa: S105
+            raise ValueError("CYBERSEC_BROKER_URL uses guest/guest; set real credentials")
+        for key in self.api_keys:
+            if len(key) < 24 or key.lower() in {"changeme", "change-me", "secret", "dev"}:
+                raise ValueError("CYBERSEC_API_KEYS holds a placeholder or short key")
+        return self
 
     @field_validator("queue_prefix")
     @classmethod

@@ -29,6 +29,8 @@ class ScanRow:
     result: ScanResult | None
     error: str | None
     attempts: int
+    api_key_id: UUID | None
+    cancel_requested: bool
 
     @classmethod
     def from_record(cls, record: asyncpg.Record) -> ScanRow:
@@ -48,6 +50,8 @@ class ScanRow:
             result=ScanResult.model_validate(result) if result is not None else None,
             error=record["error"],
             attempts=record["attempts"],
+            api_key_id=record["api_key_id"],
+            cancel_requested=record["cancel_requested"],
         )
 
 
@@ -69,7 +73,8 @@ async def create_pool(dsn: str, *, max_size: int = 10) -> asyncpg.Pool[Any]:
 
 
 class ScanStore:
-    """Queries on ``scans``; every write is idempotent by scan id."""
+    """Queries on ``scans``. Reads for a client take its key id; a scan of another key is
+    indistinguishable from a missing one. Every write is idempotent by scan id."""
 
     def __init__(self, pool: asyncpg.Pool[Any]) -> None:
         self.pool = pool
@@ -83,42 +88,136 @@ class ScanStore:
         ports: str,
         config: ScanConfig,
         priority: Priority,
-    ) -> datetime:
-        created: datetime = await self.pool.fetchval(
-            "INSERT INTO scans (id, task_id, target, ports, config, priority)"
-            " VALUES ($1, $2, $3, $4, $5, $6) RETURNING created_at",
+        owner: UUID | None = None,
+        idempotency_key: str | None = None,
+        request_hash: bytes | None = None,
+    ) -> ScanRow | None:
+        """Insert a queued scan; None when the owner already used this idempotency key."""
+        record = await self.pool.fetchrow(
+            "INSERT INTO scans (id, task_id, target, ports, config, priority, api_key_id,"
+            " idempotency_key, request_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            " ON CONFLICT (api_key_id, idempotency_key) WHERE idempotency_key IS NOT NULL"
+            " DO NOTHING RETURNING *",
             scan_id,
             task_id,
             target,
             ports,
             config.model_dump(mode="json"),
             priority,
+            owner,
+            idempotency_key,
+            request_hash,
         )
-        return created
+        return ScanRow.from_record(record) if record is not None else None
 
-    async def get_by_task(self, task_id: UUID) -> ScanRow | None:
-        record = await self.pool.fetchrow("SELECT * FROM scans WHERE task_id = $1", task_id)
+    async def by_idempotency_key(self, owner: UUID, key: str) -> tuple[ScanRow, bytes] | None:
+        record = await self.pool.fetchrow(
+            "SELECT * FROM scans WHERE api_key_id = $1 AND idempotency_key = $2", owner, key
+        )
+        if record is None:
+            return None
+        return ScanRow.from_record(record), bytes(record["request_hash"] or b"")
+
+    async def get_by_task(self, task_id: UUID, owner: UUID | None = None) -> ScanRow | None:
+        """The scan with this task id; with ``owner``, only when that key created it."""
+        if owner is None:
+            record = await self.pool.fetchrow("SELECT * FROM scans WHERE task_id = $1", task_id)
+        else:
+            record = await self.pool.fetchrow(
+                "SELECT * FROM scans WHERE task_id = $1 AND api_key_id = $2", task_id, owner
+            )
         return ScanRow.from_record(record) if record is not None else None
 
     async def get(self, scan_id: UUID) -> ScanRow | None:
         record = await self.pool.fetchrow("SELECT * FROM scans WHERE id = $1", scan_id)
         return ScanRow.from_record(record) if record is not None else None
 
-    async def mark_running(self, scan_id: UUID) -> ScanState | None:
-        """Count a delivery and move a queued scan to running; returns the state it now has."""
-        state: ScanState | None = await self.pool.fetchval(
+    async def list(
+        self,
+        owner: UUID,
+        *,
+        limit: int,
+        before: tuple[datetime, UUID] | None = None,
+        state: ScanState | None = None,
+        target: str | None = None,
+    ) -> list[ScanRow]:
+        """The owner's scans, newest first, strictly older than the ``before`` cursor."""
+        conditions = ["api_key_id = $1"]
+        args: list[Any] = [owner]
+        if before is not None:
+            args += [before[0], before[1]]
+            conditions.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
+        if state is not None:
+            args.append(state)
+            conditions.append(f"state = ${len(args)}")
+        if target is not None:
+            args.append(target)
+            conditions.append(f"target = ${len(args)}")
+        args.append(limit)
+        records = await self.pool.fetch(
+            f"SELECT * FROM scans WHERE {' AND '.join(conditions)}"  # noqa: S608 - fixed fragments
+            f" ORDER BY created_at DESC, id DESC LIMIT ${len(args)}",
+            *args,
+        )
+        return [ScanRow.from_record(r) for r in records]
+
+    async def latest_completed(
+        self, owner: UUID, target: str, before: datetime, exclude: UUID
+    ) -> ScanRow | None:
+        record = await self.pool.fetchrow(
+            "SELECT * FROM scans WHERE api_key_id = $1 AND target = $2 AND state = 'completed'"
+            " AND created_at <= $3 AND id <> $4 ORDER BY created_at DESC, id DESC LIMIT 1",
+            owner,
+            target,
+            before,
+            exclude,
+        )
+        return ScanRow.from_record(record) if record is not None else None
+
+    async def request_cancel(self, task_id: UUID, owner: UUID) -> ScanRow | None:
+        """Flag the scan for cancellation; a queued one is revoked at once, before any worker
+        sees it. Finished scans are left as they are."""
+        record = await self.pool.fetchrow(
+            "UPDATE scans SET cancel_requested = (state IN ('queued', 'running')),"
+            " state = CASE WHEN state = 'queued' THEN 'revoked' ELSE state END,"
+            " finished_at = CASE WHEN state = 'queued' THEN now() ELSE finished_at END"
+            " WHERE task_id = $1 AND api_key_id = $2 RETURNING *",
+            task_id,
+            owner,
+        )
+        return ScanRow.from_record(record) if record is not None else None
+
+    async def cancel_requested(self, scan_id: UUID) -> bool:
+        flag: bool | None = await self.pool.fetchval(
+            "SELECT cancel_requested FROM scans WHERE id = $1", scan_id
+        )
+        return bool(flag)
+
+    async def mark_running(self, scan_id: UUID) -> ScanRow | None:
+        """Count a delivery and move a queued scan to running; returns the row as it now is."""
+        record = await self.pool.fetchrow(
             "UPDATE scans SET attempts = attempts + 1,"
             " state = CASE WHEN state IN ('queued', 'running') THEN 'running' ELSE state END,"
             " started_at = COALESCE(started_at, now())"
-            " WHERE id = $1 RETURNING state",
+            " WHERE id = $1 RETURNING *",
             scan_id,
         )
-        return state
+        return ScanRow.from_record(record) if record is not None else None
 
     async def complete(self, result: ScanResult) -> None:
         await self.pool.execute(
             "UPDATE scans SET state = 'completed', progress = 100, result = $2, error = NULL,"
-            " finished_at = $3 WHERE id = $1",
+            " finished_at = $3 WHERE id = $1 AND state IN ('queued', 'running', 'completed')",
+            result.scan_id,
+            result.model_dump(mode="json"),
+            result.finished_at,
+        )
+
+    async def revoke(self, result: ScanResult) -> None:
+        """Keep the partial result of a scan stopped on request."""
+        await self.pool.execute(
+            "UPDATE scans SET state = 'revoked', result = $2, finished_at = $3"
+            " WHERE id = $1 AND state <> 'completed'",
             result.scan_id,
             result.model_dump(mode="json"),
             result.finished_at,
@@ -127,7 +226,7 @@ class ScanStore:
     async def fail(self, scan_id: UUID, error: str) -> None:
         await self.pool.execute(
             "UPDATE scans SET state = 'failed', error = $2, finished_at = now()"
-            " WHERE id = $1 AND state <> 'completed'",
+            " WHERE id = $1 AND state IN ('queued', 'running')",
             scan_id,
             error,
         )

@@ -39,7 +39,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process read exactly these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     for name, value in settings.model_dump().items():
-        env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+        text = ",".join(value) if isinstance(value, tuple) else str(value)
+        env[f"{ENV_PREFIX}{name.upper()}"] = text
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -68,8 +69,28 @@ def settings(run_id: str, run_dir: Path) -> Settings:
             "heartbeat_file": str(run_dir / "worker.heartbeat"),
             "metrics_port": 0,
             "publish_timeout": 3.0,
+            "api_keys": (secrets.token_urlsafe(24), secrets.token_urlsafe(24)),
+            "target_allow": ("127.0.0.0/8", "::1"),
+            "target_deny": ("127.0.0.66",),
+            "rate_limit_per_minute": 1000,
+            "max_active_scans": 50,
         }
     )
+
+
+@pytest.fixture(scope="session")
+def api_key(settings: Settings) -> str:
+    """The first key registered from CYBERSEC_API_KEYS."""
+    return settings.api_keys[0]
+
+
+@pytest.fixture(scope="session")
+def other_api_key(settings: Settings) -> str:
+    return settings.api_keys[1]
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 @pytest.fixture(scope="session")
@@ -199,3 +220,16 @@ def silent_port() -> Iterator[int]:
         for sock in fillers:
             sock.close()
         server.close()
+
+
+@pytest.fixture
+def client(api: str, api_key: str) -> Iterator[httpx.Client]:
+    """An HTTP client of the running API, authenticated with the run's first key."""
+    with httpx.Client(base_url=api, timeout=10, headers=auth(api_key)) as c:
+        yield c
+
+
+@pytest.fixture
+async def aclient(api: str, api_key: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=api, timeout=10, headers=auth(api_key)) as c:
+        yield c

@@ -8,6 +8,9 @@ import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import redis
+
+from shared.policy import TargetPolicy
 from shared.settings import Settings
 from shared.store import ScanStore, create_pool
 
@@ -22,7 +25,17 @@ class WorkerRuntime:
         self.settings = settings
         self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
+        self.policy = TargetPolicy(settings.target_allow, settings.target_deny)
         self._store: ScanStore | None = None
+        self._redis: redis.Redis | None = None
+
+    def redis(self) -> redis.Redis:
+        """A Redis client for event streams; short timeouts, so an outage only costs progress."""
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(
+                self.settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+            )
+        return self._redis
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -41,6 +54,9 @@ class WorkerRuntime:
             except (TimeoutError, OSError) as exc:
                 log.warning("closing the database pool failed: %s", exc)
             self._store = None
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
         self.loop.close()
 
 

@@ -1,33 +1,37 @@
-"""The scan task: validate the payload, resolve, scan, report progress, store, return."""
+"""The scan task: validate, re-check the target, scan, report, store, return."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
-from celery import Celery, Task
+from celery import Celery, Task, states
+from celery.exceptions import Ignore
 from pydantic import ValidationError
 
-from shared.errors import InvalidScan, ResolutionFailed
+from shared.errors import InvalidScan, PermanentError
 from shared.ports import parse_port_spec
 from shared.protocol import SCAN_TASK
+from shared.resolve import resolve_target
 from shared.schemas import PortResult, ScanProgress, ScanResult, ScanTaskPayload
 from shared.settings import Settings
-from shared.targets import network_hosts, parse_target
+from shared.store import ScanRow, ScanStore
+from shared.targets import parse_target
+from worker_service.reporting import EventLog, ProgressReporter
 from worker_service.runtime import WorkerRuntime, get_runtime
-from worker_service.scanner import ScanProgressEvent, scan_host
+from worker_service.scanner import scan_host
 
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
-PROGRESS_INTERVAL = 0.25
+CANCEL_POLL_SECONDS = 0.5
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
@@ -42,123 +46,165 @@ def retry_delay(retries: int, *, base: float = 1.0, cap: float = 30.0) -> float:
     return random.uniform(0, min(cap, base * 2**retries))
 
 
-class ProgressReporter:
-    """Turns engine events into PROGRESS states, a few per second at most."""
+class ScanSkipped(Exception):
+    """The scan was cancelled or ended before this delivery; nothing to run."""
 
-    def __init__(self, publish: Callable[[ScanProgress], None], total: int) -> None:
-        self.publish = publish
-        self.total = total
-        self.last_sent = 0.0
-        self.last_tier: str | None = None
-        self.base = 0
 
-    def __call__(self, event: ScanProgressEvent) -> None:
-        now = time.monotonic()
-        if event.tier == self.last_tier and now - self.last_sent < PROGRESS_INTERVAL:
-            return
-        self.last_tier = event.tier
-        self.last_sent = now
-        done = self.base + event.ports_scanned
-        percent = min(99, done * 100 // self.total) if self.total else 0
-        self.publish(
-            ScanProgress(
-                status=f"Scanning {event.tier} priority ports",
-                progress=percent,
-                tier=event.tier,
-                ports_scanned=done,
-                total_ports=self.total,
-                open_ports=list(event.open_ports),
+class ScanCancelled(Exception):
+    def __init__(self, partial: ScanResult) -> None:
+        super().__init__("cancelled")
+        self.partial = partial
+
+
+class ScanJob:
+    """One delivery of a scan task on a worker process."""
+
+    def __init__(
+        self,
+        runtime: WorkerRuntime,
+        job: ScanTaskPayload,
+        task_id: str,
+        update_state: Callable[[ScanProgress], None],
+    ) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.job = job
+        self.events = EventLog(
+            runtime.redis(), self.settings.redis_prefix, task_id, self.settings.result_ttl
+        )
+        self.update_state = update_state
+        self.row: ScanRow | None = None
+
+    async def run(self) -> ScanResult:
+        store = await self.runtime.store()
+        row = await store.mark_running(self.job.scan_id)
+        if row is None:
+            raise InvalidScan(f"scan {self.job.scan_id} was never accepted by the gateway")
+        self.row = row
+        if row.state == "completed" and row.result is not None:
+            return row.result  # a redelivery of a scan that already finished
+        if row.state != "running":
+            raise ScanSkipped(row.state)
+        target = parse_target(self.job.target, max_hosts=self.settings.max_hosts)
+        addresses = await resolve_target(
+            target, self.runtime.policy, timeout=self.settings.resolve_timeout
+        )
+        if target.kind == "hostname":
+            addresses = addresses[:1]
+        scan = asyncio.ensure_future(self._scan(addresses))
+        watcher = asyncio.ensure_future(self._watch_cancel(store, scan))
+        try:
+            result = await scan
+        except asyncio.CancelledError:
+            if not watcher.done() or not watcher.result():
+                raise
+            raise ScanCancelled(self._partial) from None
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await store.complete(result)
+        return result
+
+    async def _watch_cancel(self, store: ScanStore, scan: asyncio.Future[Any]) -> bool:
+        """Cancel the scan when its row asks for it; checked in PostgreSQL, so a cancel
+        reaches a scan even when it was requested before this worker started."""
+        while not scan.done():
+            await asyncio.sleep(CANCEL_POLL_SECONDS)
+            try:
+                if await store.cancel_requested(self.job.scan_id):
+                    scan.cancel()
+                    return True
+            except TRANSIENT_ERRORS as exc:
+                log.warning("scan %s: cancel check failed: %r", self.job.scan_id, exc)
+        return False
+
+    async def _scan(self, addresses: list[str]) -> ScanResult:
+        ports = parse_port_spec(self.job.ports)
+        self.started = datetime.now(UTC)
+        self.clock = time.monotonic()
+        self.addresses = addresses
+        self.reporter = ProgressReporter(
+            self.events, self.update_state, len(ports) * len(addresses)
+        )
+        self.open: list[PortResult] = []
+        self.closed = self.filtered = 0
+        for address in addresses:
+            self.reporter.start_host(address)
+            outcomes = await scan_host(
+                address,
+                ports,
+                timeout=self.job.config.timeout,
+                concurrency=self.job.config.max_concurrent,
+                on_progress=self.reporter,
             )
+            self.reporter.finish_host(len(outcomes))
+            for outcome in outcomes:
+                if outcome.state == "open":
+                    self.open.append(
+                        PortResult(
+                            port=outcome.port,
+                            state="open",
+                            reason=outcome.reason,
+                            address=address,
+                            service=service_name(outcome.port),
+                        )
+                    )
+                elif outcome.state == "closed":
+                    self.closed += 1
+                else:
+                    self.filtered += 1
+        return self._result("completed", self.reporter.total)
+
+    @property
+    def _partial(self) -> ScanResult:
+        seen = {(p.address, p.port) for p in self.open}
+        extra = [
+            PortResult(port=port, state="open", address=address, service=service_name(port))
+            for address, port in self.reporter.open_ports
+            if (address, port) not in seen
+        ]
+        self.open.extend(extra)
+        return self._result("revoked", self.reporter.base)
+
+    def _result(self, status: Literal["completed", "revoked"], scanned: int) -> ScanResult:
+        return ScanResult(
+            scan_id=self.job.scan_id,
+            target=self.job.target,
+            addresses=self.addresses,
+            ports=self.job.ports,
+            total_ports_scanned=scanned,
+            open_ports=sorted(self.open, key=lambda p: (p.address or "", p.port)),
+            closed_ports=self.closed,
+            filtered_ports=self.filtered,
+            status=status,
+            progress=100 if status == "completed" else self.reporter.last_percent,
+            started_at=self.started,
+            finished_at=datetime.now(UTC),
+            duration_seconds=round(time.monotonic() - self.clock, 6),
         )
 
+    async def fail(self, reason: str) -> None:
+        store = await self.runtime.store()
+        await store.fail(self.job.scan_id, reason)
 
-async def resolve(target: str, max_hosts: int) -> list[str]:
-    """The addresses the worker will connect to, resolved here and not trusted from the gateway."""
-    parsed = parse_target(target, max_hosts=max_hosts)
-    if parsed.kind == "ip":
-        return [parsed.value]
-    if parsed.kind == "network":
-        import ipaddress
+    async def revoke(self, partial: ScanResult) -> None:
+        store = await self.runtime.store()
+        await store.revoke(partial)
 
-        return [str(a) for a in network_hosts(ipaddress.ip_network(parsed.value))]
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(parsed.value, None, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ResolutionFailed(f"{parsed.value} does not resolve: {exc.strerror}") from None
-    addresses = sorted({str(info[4][0]) for info in infos}, key=lambda a: (":" in a, a))
-    if not addresses:
-        raise ResolutionFailed(f"{parsed.value} resolved to no address")
-    return addresses[:1]
+    def finish(self, state: str) -> None:
+        """Tell stream readers the scan ended and give the key its active slot back."""
+        self.events.write(("end", {"state": state}))
+        self.events.release(self.row.api_key_id if self.row is not None else None)
 
 
 def service_name(port: int) -> str | None:
+    import socket
+
     try:
         return socket.getservbyport(port, "tcp")
     except OSError:
         return None
-
-
-async def run_scan(
-    runtime: WorkerRuntime, job: ScanTaskPayload, report: Callable[[ScanProgress], None]
-) -> ScanResult:
-    store = await runtime.store()
-    started = datetime.now(UTC)
-    clock = time.monotonic()
-    state = await store.mark_running(job.scan_id)
-    if state is None:
-        raise InvalidScan(f"scan {job.scan_id} was never accepted by the gateway")
-    if state == "completed":
-        row = await store.get(job.scan_id)
-        if row is not None and row.result is not None:
-            return row.result  # a redelivery of a scan that already finished
-    if state != "running":
-        raise InvalidScan(f"scan {job.scan_id} is {state}; not running it")
-    ports = parse_port_spec(job.ports)
-    addresses = await resolve(job.target, max_hosts=runtime.settings.max_hosts)
-    total = len(ports) * len(addresses)
-    reporter = ProgressReporter(report, total)
-    open_ports: list[PortResult] = []
-    closed = filtered = 0
-    for address in addresses:
-        outcomes = await scan_host(
-            address,
-            ports,
-            timeout=job.config.timeout,
-            concurrency=job.config.max_concurrent,
-            on_progress=reporter,
-        )
-        reporter.base += len(outcomes)
-        for outcome in outcomes:
-            if outcome.state == "open":
-                open_ports.append(
-                    PortResult(
-                        port=outcome.port,
-                        state="open",
-                        reason=outcome.reason,
-                        address=address,
-                        service=service_name(outcome.port),
-                    )
-                )
-            elif outcome.state == "closed":
-                closed += 1
-            else:
-                filtered += 1
-    result = ScanResult(
-        scan_id=job.scan_id,
-        target=job.target,
-        addresses=addresses,
-        ports=job.ports,
-        total_ports_scanned=total,
-        open_ports=open_ports,
-        closed_ports=closed,
-        filtered_ports=filtered,
-        started_at=started,
-        finished_at=datetime.now(UTC),
-        duration_seconds=round(time.monotonic() - clock, 6),
-    )
-    await store.complete(result)
-    return result
 
 
 def register_tasks(app: Celery) -> None:
@@ -172,20 +218,26 @@ def register_tasks(app: Celery) -> None:
             raise InvalidScan(f"invalid scan payload: {exc.error_count()} errors") from None
         runtime = get_runtime(settings)
 
-        def report(progress: ScanProgress) -> None:
+        def update_state(progress: ScanProgress) -> None:
             self.update_state(state="PROGRESS", meta=progress.model_dump(mode="json"))
 
+        run = ScanJob(runtime, job, str(self.request.id), update_state)
         try:
-            result = runtime.run(run_scan(runtime, job, report))
+            result = runtime.run(run.run())
+        except ScanSkipped:
+            run.finish(states.REVOKED)
+            raise Ignore() from None
+        except ScanCancelled as cancelled:
+            runtime.run(run.revoke(cancelled.partial))
+            self.update_state(state=states.REVOKED, meta=cancelled.partial.model_dump(mode="json"))
+            run.finish(states.REVOKED)
+            raise Ignore() from None
+        except PermanentError as exc:
+            runtime.run(run.fail(str(exc)))
+            run.finish(states.FAILURE)
+            raise
         except TRANSIENT_ERRORS as exc:
             log.warning("scan %s: transient failure, retrying: %r", job.scan_id, exc)
             raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
-        except (InvalidScan, ResolutionFailed) as exc:
-            runtime.run(_fail(runtime, job, str(exc)))
-            raise
+        run.finish(states.SUCCESS)
         return result.model_dump(mode="json")
-
-
-async def _fail(runtime: WorkerRuntime, job: ScanTaskPayload, reason: str) -> None:
-    store = await runtime.store()
-    await store.fail(job.scan_id, reason)

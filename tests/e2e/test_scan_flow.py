@@ -12,7 +12,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from shared.protocol import result_key
+from shared.redis_keys import result_key
 from shared.settings import Settings
 from shared.store import ScanStore
 
@@ -57,23 +57,22 @@ def poll(client: httpx.Client, task_id: str, timeout: float = 30) -> list[dict[s
 
 
 def test_scan_finds_exactly_the_ports_opened(
-    api: str, worker: object, listeners: list[int], settings: Settings
+    client: httpx.Client, worker: object, listeners: list[int]
 ) -> None:
     spec = f"{listeners[0] - 2}-{listeners[-1] + 2}"
-    with httpx.Client(base_url=api, timeout=10) as client:
-        response = client.post(
-            "/api/scan",
-            json={
-                "target": "127.0.0.1",
-                "ports": spec,
-                "config": {"scan_type": "TCP", "timeout": 1.0, "max_concurrent": 500},
-            },
-        )
-        assert response.status_code == 202, response.text
-        accepted = response.json()
-        assert set(accepted) == {"task_id", "scan_id", "status", "message"}
-        assert accepted["status"] == "queued"
-        states = poll(client, accepted["task_id"])
+    response = client.post(
+        "/api/scan",
+        json={
+            "target": "127.0.0.1",
+            "ports": spec,
+            "config": {"scan_type": "TCP", "timeout": 1.0, "max_concurrent": 500},
+        },
+    )
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    assert set(accepted) == {"task_id", "scan_id", "status", "message"}
+    assert accepted["status"] == "queued"
+    states = poll(client, accepted["task_id"])
 
     final = states[-1]
     assert final["state"] == "SUCCESS", final
@@ -88,57 +87,56 @@ def test_scan_finds_exactly_the_ports_opened(
 
 
 async def test_finished_scan_is_stored_and_outlives_redis(
-    api: str,
+    aclient: httpx.AsyncClient,
     worker: object,
     listeners: list[int],
     settings: Settings,
     store: ScanStore,
     redis_client: aioredis.Redis,
 ) -> None:
-    async with httpx.AsyncClient(base_url=api, timeout=10) as client:
-        response = await client.post(
-            "/api/scan",
-            json={"target": "127.0.0.1", "ports": ",".join(map(str, listeners))},
-        )
-        assert response.status_code == 202, response.text
-        task_id = response.json()["task_id"]
-        deadline = time.monotonic() + 30
-        body: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            body = (await client.get(f"/api/scan/{task_id}")).json()
-            if body["state"] == "SUCCESS":
-                break
-        assert body["state"] == "SUCCESS", body
+    client = aclient
+    response = await client.post(
+        "/api/scan",
+        json={"target": "127.0.0.1", "ports": ",".join(map(str, listeners))},
+    )
+    assert response.status_code == 202, response.text
+    task_id = response.json()["task_id"]
+    deadline = time.monotonic() + 30
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        body = (await client.get(f"/api/scan/{task_id}")).json()
+        if body["state"] == "SUCCESS":
+            break
+    assert body["state"] == "SUCCESS", body
 
-        row = await store.get_by_task(UUID(task_id))
-        assert row is not None
-        assert row.state == "completed"
-        assert row.target == "127.0.0.1"
-        assert row.ports == ",".join(map(str, listeners))
-        assert row.priority == "normal"
-        assert row.attempts == 1
-        assert row.result is not None
-        assert [p.port for p in row.result.open_ports] == listeners
+    row = await store.get_by_task(UUID(task_id))
+    assert row is not None
+    assert row.state == "completed"
+    assert row.target == "127.0.0.1"
+    assert row.ports == ",".join(map(str, listeners))
+    assert row.priority == "normal"
+    assert row.attempts == 1
+    assert row.result is not None
+    assert [p.port for p in row.result.open_ports] == listeners
 
-        # The Redis entry expires after result_ttl; PostgreSQL still answers.
-        assert await redis_client.delete(result_key(settings.redis_prefix, task_id)) == 1
-        after = (await client.get(f"/api/scan/{task_id}")).json()
-        assert after["state"] == "SUCCESS"
-        assert [p["port"] for p in after["result"]["open_ports"]] == listeners
+    # The Redis entry expires after result_ttl; PostgreSQL still answers.
+    assert await redis_client.delete(result_key(settings.redis_prefix, task_id)) == 1
+    after = (await client.get(f"/api/scan/{task_id}")).json()
+    assert after["state"] == "SUCCESS"
+    assert [p["port"] for p in after["result"]["open_ports"]] == listeners
 
 
 def test_progress_is_reported_while_scanning(
-    api: str, worker: object, listeners: list[int], silent_port: int
+    client: httpx.Client, worker: object, listeners: list[int], silent_port: int
 ) -> None:
     # The silent port holds the scan for its whole timeout, long enough to see PROGRESS.
     ports = ",".join(map(str, [*listeners, silent_port]))
-    with httpx.Client(base_url=api, timeout=10) as client:
-        response = client.post(
-            "/api/scan",
-            json={"target": "127.0.0.1", "ports": ports, "config": {"timeout": 2.0}},
-        )
-        assert response.status_code == 202
-        states = poll(client, response.json()["task_id"], timeout=60)
+    response = client.post(
+        "/api/scan",
+        json={"target": "127.0.0.1", "ports": ports, "config": {"timeout": 2.0}},
+    )
+    assert response.status_code == 202
+    states = poll(client, response.json()["task_id"], timeout=60)
     names = [s["state"] for s in states]
     assert names[-1] == "SUCCESS"
     progress = [s for s in states if s["state"] == "PROGRESS"]
@@ -152,9 +150,8 @@ def test_progress_is_reported_while_scanning(
     assert result["filtered_ports"] == 1
 
 
-def test_unknown_task_is_404(api: str) -> None:
-    with httpx.Client(base_url=api, timeout=10) as client:
-        for task_id in ("00000000-0000-0000-0000-000000000000", "not-a-uuid"):
-            response = client.get(f"/api/scan/{task_id}")
-            assert response.status_code == 404
-            assert response.json()["error"]["code"] == "not_found"
+def test_unknown_task_is_404(client: httpx.Client) -> None:
+    for task_id in ("00000000-0000-0000-0000-000000000000", "not-a-uuid"):
+        response = client.get(f"/api/scan/{task_id}")
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "not_found"

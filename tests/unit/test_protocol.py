@@ -13,9 +13,9 @@ from shared.protocol import (
     SCAN_TASK,
     build_scan_message,
     queue_arguments,
-    result_key,
     time_limits,
 )
+from shared.redis_keys import result_key
 from shared.schemas import ScanConfig, ScanTaskPayload
 
 

@@ -1,0 +1,47 @@
+"""Bearer API keys: looked up by their SHA-256 digest, cached briefly per process."""
+
+from __future__ import annotations
+
+import time
+from uuid import UUID
+
+from starlette.requests import Request
+
+from api_service.errors import ApiError
+from shared.keys import KeyStore, hash_key
+
+CACHE_SECONDS = 5.0
+"""How long a key stays valid in one process after it was revoked."""
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="cybersec-scan"'}
+
+
+class Authenticator:
+    def __init__(self, keys: KeyStore) -> None:
+        self.keys = keys
+        self._cache: dict[bytes, tuple[UUID | None, float]] = {}
+
+    async def key_id(self, key: str) -> UUID | None:
+        # The lookup goes by digest, never by the key text, so timing reveals nothing of a key.
+        digest = hash_key(key)
+        cached = self._cache.get(digest)
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        key_id = await self.keys.lookup(key)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[digest] = (key_id, now + CACHE_SECONDS)
+        return key_id
+
+    async def authenticate(self, request: Request) -> UUID:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ApiError(
+                401, "send an API key as 'Authorization: Bearer <key>'", headers=_CHALLENGE
+            )
+        key_id = await self.key_id(key.strip())
+        if key_id is None:
+            raise ApiError(401, "unknown or revoked API key", headers=_CHALLENGE)
+        return key_id

@@ -1,0 +1,85 @@
+"""Per-key limits, checked and counted atomically in Redis by one Lua script."""
+
+from __future__ import annotations
+
+import logging
+import time
+from uuid import UUID
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from api_service.errors import ApiError
+from shared.redis_keys import active_key, rate_key
+
+log = logging.getLogger(__name__)
+
+# KEYS: submissions-this-minute counter, active-scans sorted set (member task id, score deadline)
+# ARGV: now, per-minute limit, active limit, task id, task deadline, window seconds left
+_ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
+  return {2, 0}
+end
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
+if n > tonumber(ARGV[2]) then
+  return {1, redis.call('TTL', KEYS[1])}
+end
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
+redis.call('EXPIRE', KEYS[2], 86400)
+return {0, 0}
+"""
+
+
+class Limiter:
+    def __init__(
+        self, redis: aioredis.Redis, prefix: str, per_minute: int, max_active: int
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.per_minute = per_minute
+        self.max_active = max_active
+        self._admit = redis.register_script(_ADMIT)
+
+    async def admit(self, owner: UUID, task_id: UUID, deadline_seconds: int) -> None:
+        """Count a submission; raise 429 when the key is over either limit.
+
+        When Redis is unreachable submissions are admitted (and logged): a result-backend
+        outage must not stop scanning, and PostgreSQL still records every scan.
+        """
+        now = time.time()
+        window = int(now // 60)
+        try:
+            verdict, retry = await self._admit(
+                keys=[rate_key(self.prefix, owner, window), active_key(self.prefix, owner)],
+                args=[
+                    now,
+                    self.per_minute,
+                    self.max_active,
+                    str(task_id),
+                    now + deadline_seconds,
+                    61 - int(now % 60),
+                ],
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("rate limiter unavailable, admitting: %r", exc)
+            return
+        if verdict == 1:
+            raise ApiError(
+                429,
+                f"over {self.per_minute} scan submissions per minute",
+                headers={"Retry-After": str(max(1, int(retry)))},
+            )
+        if verdict == 2:
+            raise ApiError(
+                429,
+                f"{self.max_active} scans already queued or running for this key",
+                headers={"Retry-After": "5"},
+            )
+
+    async def release(self, owner: UUID, task_id: UUID) -> None:
+        try:
+            await self.redis.zrem(active_key(self.prefix, owner), str(task_id))
+        except (RedisError, OSError) as exc:
+            log.warning("could not release active slot of %s: %r", task_id, exc)

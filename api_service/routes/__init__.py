@@ -1,0 +1,9 @@
+"""The gateway's routes, one module per group."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute
+
+from api_service.routes import docs, probes, scans
+
+routes: list[BaseRoute] = [*scans.routes, *probes.routes, *docs.routes]

@@ -1,0 +1,38 @@
+"""What every handler reaches: the process's services, the caller's key, path parameters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+import asyncpg
+from starlette.requests import Request
+
+from api_service.errors import ApiError
+
+if TYPE_CHECKING:
+    from api_service.app import Services
+
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+async def caller(request: Request) -> UUID:
+    """The id of the API key the request carries; 401 without a valid one."""
+    return await services(request).auth.authenticate(request)
+
+
+def task_id_param(request: Request) -> UUID:
+    raw = request.path_params["task_id"]
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise ApiError(404, f"no scan with task id {raw}") from None
+
+
+def db_unavailable() -> ApiError:
+    return ApiError(503, "database unavailable", headers={"Retry-After": "5"})

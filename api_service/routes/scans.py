@@ -1,0 +1,286 @@
+"""/api/scan...: submit, read, list, cancel, and follow scans."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+from datetime import datetime
+from uuid import UUID, uuid4
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from api_service.errors import ApiError
+from api_service.events import scan_event_stream
+from api_service.publisher import PublishFailed
+from api_service.requests import ParsedScan, read_json, validate_model
+from api_service.responses import ORJSONResponse
+from api_service.routes.common import (
+    DB_ERRORS,
+    caller,
+    db_unavailable,
+    services,
+    task_id_param,
+)
+from shared.errors import ResolutionFailed, TargetDenied
+from shared.protocol import build_scan_message, time_limits
+from shared.redis_keys import events_key
+from shared.resolve import resolve_target
+from shared.schemas import (
+    ScanAccepted,
+    ScanPage,
+    ScanRequest,
+    ScanStatus,
+    ScanSummary,
+    ScanTaskPayload,
+)
+from shared.store import ScanRow
+
+log = logging.getLogger(__name__)
+
+MAX_IDEMPOTENCY_KEY = 255
+SCAN_STATES = ("queued", "running", "completed", "failed", "revoked")
+
+
+def accepted_response(row: ScanRow, port_count: int, *, replayed: bool = False) -> Response:
+    body = ScanAccepted(
+        task_id=row.task_id,
+        scan_id=row.id,
+        message=f"Scan of {row.target} ({port_count} ports) queued with {row.priority} priority",
+    )
+    headers = {"Location": f"/api/scan/{row.task_id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return ORJSONResponse(body.model_dump(mode="json"), status_code=202, headers=headers)
+
+
+async def replay(
+    request: Request, owner: UUID, key: str, fingerprint: bytes, ports: int
+) -> Response | None:
+    """The earlier answer for this Idempotency-Key, 409 if its body differed, None if new."""
+    try:
+        found = await services(request).store.by_idempotency_key(owner, key)
+    except DB_ERRORS:
+        raise db_unavailable() from None
+    if found is None:
+        return None
+    row, stored = found
+    if stored != hashlib.sha256(fingerprint).digest():
+        raise ApiError(
+            409,
+            "Idempotency-Key was already used with a different request",
+            field="Idempotency-Key",
+        )
+    return accepted_response(row, ports, replayed=True)
+
+
+async def submit_scan(request: Request) -> Response:
+    svc = services(request)
+    owner = await caller(request)
+    data = await read_json(request, svc.settings.max_request_bytes)
+    parsed = ParsedScan(validate_model(ScanRequest, data), svc.settings)
+    scan = parsed.scan
+    fingerprint = parsed.fingerprint()
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None:
+        if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise ApiError(422, "Idempotency-Key must be 1-255 characters", field="Idempotency-Key")
+        earlier = await replay(request, owner, idempotency_key, fingerprint, len(parsed.ports))
+        if earlier is not None:
+            return earlier
+
+    try:
+        await resolve_target(parsed.target, svc.policy, timeout=svc.settings.resolve_timeout)
+    except TargetDenied as exc:
+        raise ApiError(403, str(exc), code="target_denied", field="target") from None
+    except ResolutionFailed as exc:
+        raise ApiError(422, str(exc), code="unresolvable_target", field="target") from None
+
+    scan_id, task_id = uuid4(), uuid4()
+    payload = ScanTaskPayload(
+        scan_id=scan_id,
+        target=scan.target,
+        ports=scan.ports,
+        config=scan.config,
+        priority=scan.priority,
+    )
+    hard_limit, _soft = time_limits(payload, len(parsed.ports), parsed.hosts)
+    await svc.limiter.admit(owner, task_id, hard_limit)
+    try:
+        row = await svc.store.insert(
+            scan_id=scan_id,
+            task_id=task_id,
+            target=scan.target,
+            ports=scan.ports,
+            config=scan.config,
+            priority=scan.priority,
+            owner=owner,
+            idempotency_key=idempotency_key,
+            request_hash=hashlib.sha256(fingerprint).digest() if idempotency_key else None,
+        )
+    except DB_ERRORS as exc:
+        log.warning("cannot record scan: %r", exc)
+        await svc.limiter.release(owner, task_id)
+        raise db_unavailable() from None
+    if row is None:
+        # A concurrent request with the same Idempotency-Key won the insert.
+        await svc.limiter.release(owner, task_id)
+        assert idempotency_key is not None
+        earlier = await replay(request, owner, idempotency_key, fingerprint, len(parsed.ports))
+        assert earlier is not None
+        return earlier
+
+    message = build_scan_message(
+        task_id, payload, port_count=len(parsed.ports), host_count=parsed.hosts
+    )
+    try:
+        await svc.publisher.publish(message)
+    except PublishFailed as exc:
+        log.warning("scan %s not queued: %s", scan_id, exc)
+        # Not accepted: remove the row so nothing waits for it. A worker that still gets the
+        # message finds no row and drops it.
+        await _forget(request, owner, scan_id, task_id)
+        raise ApiError(503, "broker unavailable", headers={"Retry-After": "5"}) from None
+    return accepted_response(row, len(parsed.ports))
+
+
+async def _forget(request: Request, owner: UUID, scan_id: UUID, task_id: UUID) -> None:
+    svc = services(request)
+    await svc.limiter.release(owner, task_id)
+    try:
+        await svc.store.delete(scan_id)
+    except DB_ERRORS as exc:
+        log.error("scan %s: could not remove the unqueued row: %r", scan_id, exc)
+
+
+async def scan_status(request: Request) -> Response:
+    owner = await caller(request)
+    status = await services(request).status.read(task_id_param(request), owner)
+    return ORJSONResponse(status.model_dump(mode="json", exclude_none=True))
+
+
+def _encode_cursor(row: ScanRow) -> str:
+    raw = f"{row.created_at.isoformat()}|{row.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, _, ident = raw.partition("|")
+        return datetime.fromisoformat(created), UUID(ident)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ApiError(422, "cursor is not one this API gave out", field="cursor") from None
+
+
+async def list_scans(request: Request) -> Response:
+    owner = await caller(request)
+    query = request.query_params
+    unknown = set(query) - {"limit", "cursor", "state", "target"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ApiError(422, f"{name}: unknown query parameter", field=name)
+    limit_text = query.get("limit", "50")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 200:
+        raise ApiError(422, "limit must be an integer from 1 to 200", field="limit")
+    state = query.get("state")
+    if state is not None and state not in SCAN_STATES:
+        raise ApiError(422, f"state must be one of {', '.join(SCAN_STATES)}", field="state")
+    cursor = query.get("cursor")
+    before = _decode_cursor(cursor) if cursor else None
+    limit = int(limit_text)
+    try:
+        rows = await services(request).store.list(
+            owner,
+            limit=limit + 1,
+            before=before,
+            state=state,  # type: ignore[arg-type]
+            target=query.get("target"),
+        )
+    except DB_ERRORS:
+        raise db_unavailable() from None
+    page = ScanPage(
+        items=[summary(row) for row in rows[:limit]],
+        next_cursor=_encode_cursor(rows[limit - 1]) if len(rows) > limit else None,
+    )
+    return ORJSONResponse(page.model_dump(mode="json"))
+
+
+def summary(row: ScanRow) -> ScanSummary:
+    return ScanSummary(
+        task_id=row.task_id,
+        scan_id=row.id,
+        target=row.target,
+        ports=row.ports,
+        priority=row.priority,
+        state=row.state,
+        created_at=row.created_at,
+        finished_at=row.finished_at,
+        open_ports=len(row.result.open_ports) if row.result is not None else None,
+        error=row.error,
+    )
+
+
+async def cancel_scan(request: Request) -> Response:
+    svc = services(request)
+    owner = await caller(request)
+    task_id = task_id_param(request)
+    try:
+        row = await svc.store.request_cancel(task_id, owner)
+    except DB_ERRORS:
+        raise db_unavailable() from None
+    if row is None:
+        raise ApiError(404, f"no scan with task id {task_id}")
+    if row.state in ("completed", "failed"):
+        raise ApiError(409, f"scan already {row.state}; nothing to cancel")
+    if row.state == "revoked":
+        await svc.limiter.release(owner, task_id)
+        await svc.events.end(task_id, "REVOKED")
+    status = await svc.status.for_row(row)
+    if row.state == "running":
+        status.status = "Cancelling"
+    return ORJSONResponse(status.model_dump(mode="json", exclude_none=True), status_code=202)
+
+
+async def scan_events(request: Request) -> Response:
+    svc = services(request)
+    owner = await caller(request)
+    row = await svc.status.row(task_id_param(request), owner)
+    last_id = request.headers.get("last-event-id", "0-0").strip() or "0-0"
+    if not _valid_stream_id(last_id):
+        raise ApiError(
+            422, "Last-Event-ID is not an id this stream gave out", field="Last-Event-ID"
+        )
+
+    async def read_status() -> ScanStatus:
+        return await svc.status.for_row(await svc.status.row(row.task_id, owner))
+
+    stream = scan_event_stream(
+        svc.redis,
+        events_key(svc.settings.redis_prefix, row.task_id),
+        last_id,
+        read_status,
+        request.is_disconnected,
+    )
+    return StreamingResponse(
+        stream,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _valid_stream_id(text: str) -> bool:
+    first, _, second = text.partition("-")
+    return first.isdigit() and (second == "" or second.isdigit()) and len(text) <= 41
+
+
+routes = [
+    Route("/api/scan", submit_scan, methods=["POST"]),
+    Route("/api/scans", list_scans, methods=["GET"]),
+    Route("/api/scan/{task_id}", scan_status, methods=["GET"]),
+    Route("/api/scan/{task_id}", cancel_scan, methods=["DELETE"]),
+    Route("/api/scan/{task_id}/events", scan_events, methods=["GET"]),
+]

@@ -1,0 +1,113 @@
+"""What a running scan tells the world: PROGRESS states, and a Redis stream of its events."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError
+
+from shared.redis_keys import active_key, events_key
+from shared.scan_events import STREAM_MAXLEN, EventKind, encode_event
+from shared.schemas import ScanProgress
+from worker_service.scanner import ScanProgressEvent
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL = 0.25
+REDIS_BACKOFF = 5.0
+"""Seconds progress writes are skipped after Redis failed: scans go on without it."""
+
+
+class EventLog:
+    """Writes to one scan's event stream; a Redis outage costs progress, never the scan."""
+
+    def __init__(self, client: redis.Redis, prefix: str, task_id: str, ttl: int) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.key = events_key(prefix, task_id)
+        self.task_id = task_id
+        self.ttl = ttl
+        self.down_until = 0.0
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    def write(self, *events: tuple[EventKind, object]) -> bool:
+        if not self.available:
+            return False
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for kind, data in events:
+                    pipe.xadd(self.key, encode_event(kind, data), maxlen=STREAM_MAXLEN)  # type: ignore[arg-type]
+                pipe.expire(self.key, self.ttl)
+                pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("scan %s: progress not written, Redis unavailable: %r", self.task_id, exc)
+            self.down_until = time.monotonic() + REDIS_BACKOFF
+            return False
+        return True
+
+    def release(self, owner: Any) -> None:
+        """Free the key's active-scan slot taken by the gateway's limiter."""
+        if owner is None:
+            return
+        try:
+            self.client.zrem(active_key(self.prefix, owner), self.task_id)
+        except (RedisError, OSError) as exc:
+            log.warning("scan %s: active slot not released: %r", self.task_id, exc)
+
+
+class ProgressReporter:
+    """Turns engine events into PROGRESS states and stream events, a few per second at most."""
+
+    def __init__(
+        self, events: EventLog, update_state: Callable[[ScanProgress], None], total: int
+    ) -> None:
+        self.events = events
+        self.update_state = update_state
+        self.total = total
+        self.last_sent = 0.0
+        self.last_tier: str | None = None
+        self.base = 0
+        self.last_percent = 0
+        self.address = ""
+        self.open_ports: list[tuple[str, int]] = []
+        self._announced = 0
+
+    def start_host(self, address: str) -> None:
+        self.address = address
+
+    def finish_host(self, ports_scanned: int) -> None:
+        self.base += ports_scanned
+
+    def __call__(self, event: ScanProgressEvent) -> None:
+        known = {port for addr, port in self.open_ports if addr == self.address}
+        self.open_ports.extend((self.address, p) for p in event.open_ports if p not in known)
+        now = time.monotonic()
+        if event.tier == self.last_tier and now - self.last_sent < PROGRESS_INTERVAL:
+            return
+        self.last_tier = event.tier
+        self.last_sent = now
+        done = self.base + event.ports_scanned
+        self.last_percent = min(99, done * 100 // self.total) if self.total else 0
+        progress = ScanProgress(
+            status=f"Scanning {event.tier} priority ports",
+            progress=self.last_percent,
+            tier=event.tier,
+            ports_scanned=done,
+            total_ports=self.total,
+            open_ports=[port for _, port in self.open_ports],
+        )
+        fresh = self.open_ports[self._announced :]
+        written = self.events.write(
+            *(("port", {"port": p, "address": a, "state": "open"}) for a, p in fresh),
+            ("progress", progress.model_dump(mode="json")),
+        )
+        if written:
+            self._announced = len(self.open_ports)
+            self.update_state(progress)
