@@ -198,7 +198,8 @@ class ScanStore:
         record = await self.pool.fetchrow(
             "UPDATE scans SET attempts = attempts + 1,"
             " state = CASE WHEN state IN ('queued', 'running') THEN 'running' ELSE state END,"
-            " started_at = COALESCE(started_at, now())"
+            " started_at = CASE WHEN state IN ('queued', 'running')"
+            " THEN COALESCE(started_at, now()) ELSE started_at END"
             " WHERE id = $1 RETURNING *",
             scan_id,
         )

@@ -120,11 +120,7 @@ async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
 @pytest.fixture(scope="session")
 async def broker_cleanup(settings: Settings) -> AsyncIterator[None]:
     yield
-    connection = await aio_pika.connect(settings.broker_url)
-    async with connection:
-        channel = await connection.channel()
-        for queue in (settings.scan_queue, settings.dead_letter_queue):
-            await channel.queue_delete(queue)
+    await delete_queues(settings)
 
 
 class Process:
@@ -167,25 +163,31 @@ def wait_until(predicate: object, what: str, process: Process, timeout: float = 
     pytest.fail(f"{what} not ready within {timeout}s:\n{process.output()[-4000:]}")
 
 
-@pytest.fixture(scope="session")
-def worker(
-    settings: Settings, database: str, run_dir: Path, broker_cleanup: None, redis_client: object
-) -> Iterator[Process]:
-    """A real Celery worker (prefork, 2 processes) on this run's queue."""
+def start_worker(
+    settings: Settings, log: Path, *, wrap: list[str] | None = None, concurrency: int = 2
+) -> Process:
+    """A real Celery worker (prefork) on the settings' queue, once its heartbeat shows."""
     heartbeat = Path(settings.heartbeat_file)
-    args = [sys.executable, "-m", "worker_service", "--concurrency=2", "--without-mingle"]
-    process = Process(args, settings_env(settings), run_dir / "worker.log")
+    heartbeat.unlink(missing_ok=True)
+    args = [
+        *(wrap or []),
+        sys.executable,
+        "-m",
+        "worker_service",
+        f"--concurrency={concurrency}",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    process = Process(args, settings_env(settings), log)
     wait_until(heartbeat.exists, "worker heartbeat", process)
-    yield process
-    process.stop()
+    return process
 
 
-@pytest.fixture(scope="session")
-def api(settings: Settings, database: str, run_dir: Path, broker_cleanup: None) -> Iterator[str]:
-    """The gateway under uvicorn as a separate process; yields its base URL."""
+def start_api(settings: Settings, log: Path, *, wrap: list[str] | None = None) -> Process:
+    """The gateway under uvicorn as a separate process, once /readyz answers 200."""
     base_url = f"http://{settings.api_host}:{settings.api_port}"
     process = Process(
-        [sys.executable, "-m", "api_service"], settings_env(settings), run_dir / "api.log"
+        [*(wrap or []), sys.executable, "-m", "api_service"], settings_env(settings), log
     )
 
     def ready() -> bool:
@@ -195,8 +197,69 @@ def api(settings: Settings, database: str, run_dir: Path, broker_cleanup: None) 
             return False
 
     wait_until(ready, "API /readyz", process)
-    yield base_url
+    return process
+
+
+def base_url(settings: Settings) -> str:
+    return f"http://{settings.api_host}:{settings.api_port}"
+
+
+@pytest.fixture(scope="session")
+def worker(
+    settings: Settings, database: str, run_dir: Path, broker_cleanup: None, redis_client: object
+) -> Iterator[Process]:
+    """A real Celery worker (prefork, 2 processes) on this run's queue."""
+    process = start_worker(settings, run_dir / "worker.log")
+    yield process
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def api(settings: Settings, database: str, run_dir: Path, broker_cleanup: None) -> Iterator[str]:
+    """The gateway under uvicorn as a separate process; yields its base URL."""
+    process = start_api(settings, run_dir / "api.log")
+    yield base_url(settings)
+    process.stop()
+
+
+def variant(settings: Settings, name: str, run_dir: Path, **changes: object) -> Settings:
+    """Settings for an extra stack of this run: same database, its own queue and API port."""
+    update: dict[str, object] = {
+        "queue_prefix": f"{settings.queue_prefix}-{name}",
+        "api_port": free_port(),
+        "heartbeat_file": str(run_dir / f"{name}.heartbeat"),
+    }
+    update.update(changes)
+    return settings.model_copy(update=update)
+
+
+async def delete_queues(settings: Settings) -> None:
+    connection = await aio_pika.connect(settings.broker_url)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (settings.scan_queue, settings.dead_letter_queue):
+            await channel.queue_delete(queue)
+
+
+@pytest.fixture
+def listeners() -> Iterator[list[int]]:
+    """Five listening sockets on 127.0.0.1 in a small window of ports."""
+    sockets: list[socket.socket] = []
+    try:
+        first = socket.create_server(("127.0.0.1", 0))
+        sockets.append(first)
+        base = first.getsockname()[1]
+        for port in range(base + 2, base + 40, 3):
+            if len(sockets) == 5:
+                break
+            try:
+                sockets.append(socket.create_server(("127.0.0.1", port)))
+            except OSError:
+                continue
+        yield sorted(s.getsockname()[1] for s in sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @pytest.fixture

@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings()
     app = create_worker_app(settings)
     args = sys.argv[1:] if argv is None else argv
+    if not any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in args):
+        # Node names must be unique per broker (each owns an exclusive pidbox queue); two
+        # workers on one host would otherwise both be celery@host.
+        args = [f"--hostname={settings.queue_prefix}-{os.getpid()}@%h", *args]
     app.worker_main(["worker", f"--loglevel={settings.log_level}", *args])
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 from uuid import UUID
 
@@ -17,27 +15,6 @@ from shared.settings import Settings
 from shared.store import ScanStore
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def listeners() -> Iterator[list[int]]:
-    """Five listening sockets on 127.0.0.1 in a small window of ports."""
-    sockets: list[socket.socket] = []
-    try:
-        first = socket.create_server(("127.0.0.1", 0))
-        sockets.append(first)
-        base = first.getsockname()[1]
-        for port in range(base + 2, base + 40, 3):
-            if len(sockets) == 5:
-                break
-            try:
-                sockets.append(socket.create_server(("127.0.0.1", port)))
-            except OSError:
-                continue
-        yield sorted(s.getsockname()[1] for s in sockets)
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def poll(client: httpx.Client, task_id: str, timeout: float = 30) -> list[dict[str, Any]]:
