@@ -2,7 +2,8 @@
 
 Default deny covers loopback, link-local (cloud metadata included), multicast, unspecified and
 reserved space. ``allow`` entries lift that default for what they match; ``deny`` entries always
-win. Entries are CIDRs, addresses, hostnames, or ``*.domain`` wildcards matched label by label.
+win. Entries are CIDRs, addresses, hostnames, or ``*.domain`` wildcards matched label by label
+(``*`` alone matches every hostname).
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ class _Rules:
                 continue
             except ValueError:
                 pass
-            if entry.startswith("*."):
+            if entry == "*":
+                suffixes.append(())  # every hostname
+            elif entry.startswith("*."):
                 suffixes.append(tuple(reversed(entry[2:].split("."))))
             else:
                 names.add(entry)

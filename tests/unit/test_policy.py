@@ -78,3 +78,10 @@ def test_networks_are_checked_address_by_address() -> None:
     policy.check_network(ipaddress.ip_network("127.0.0.0/28"))
     with pytest.raises(TargetDenied):
         policy.check_network(ipaddress.ip_network("127.0.0.64/29"))
+
+
+def test_a_lone_star_matches_every_hostname() -> None:
+    policy = TargetPolicy(deny=["*"])
+    for name in ("localhost", "a.b.example"):
+        with pytest.raises(TargetDenied):
+            policy.check_hostname(name)
