@@ -27,6 +27,9 @@ class ScanConfig(_Strict):
     scan_type: Literal["TCP"] = "TCP"
     timeout: float = Field(default=1.0, gt=0, le=30, description="Seconds per connect attempt")
     max_concurrent: int = Field(default=500, ge=1, le=20_000, description="Connects in flight")
+    service_detection: bool = Field(
+        default=True, description="Identify the service on each open port (banners, probes)"
+    )
 
 
 class ScanRequest(_Strict):

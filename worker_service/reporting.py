@@ -85,6 +85,21 @@ class ProgressReporter:
     def finish_host(self, ports_scanned: int) -> None:
         self.base += ports_scanned
 
+    def announce(self, status: str, tier: str) -> None:
+        """A progress update outside port sweeping, such as service identification."""
+        self.last_tier = tier
+        self.last_sent = time.monotonic()
+        progress = ScanProgress(
+            status=status,
+            progress=self.last_percent,
+            tier=tier,
+            ports_scanned=self.base,
+            total_ports=self.total,
+            open_ports=[port for _, port in self.open_ports],
+        )
+        if self.events.write(("progress", progress.model_dump(mode="json"))):
+            self.update_state(progress)
+
     def __call__(self, event: ScanProgressEvent) -> None:
         known = {port for addr, port in self.open_ports if addr == self.address}
         self.open_ports.extend((self.address, p) for p in event.open_ports if p not in known)

@@ -24,6 +24,7 @@ from shared.schemas import PortResult, ScanProgress, ScanResult, ScanTaskPayload
 from shared.settings import Settings
 from shared.store import ScanRow, ScanStore
 from shared.targets import parse_target
+from worker_service.fingerprint import ServiceInfo, identify, registered_name
 from worker_service.reporting import EventLog, ProgressReporter
 from worker_service.runtime import WorkerRuntime, get_runtime
 from worker_service.scanner import scan_host
@@ -31,6 +32,9 @@ from worker_service.scanner import scan_host
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
+IDENTIFY_CONCURRENCY = 64
+IDENTIFY_MIN_SECONDS = 1.0
+IDENTIFY_MAX_SECONDS = 3.0
 CANCEL_POLL_SECONDS = 0.5
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,
@@ -139,28 +143,51 @@ class ScanJob:
                 on_progress=self.reporter,
             )
             self.reporter.finish_host(len(outcomes))
+            open_ports = [o for o in outcomes if o.state == "open"]
+            services = await self._identify(address, [o.port for o in open_ports])
+            for outcome in open_ports:
+                info = services.get(outcome.port)
+                self.open.append(
+                    PortResult(
+                        port=outcome.port,
+                        state="open",
+                        reason=outcome.reason,
+                        address=address,
+                        service=info.service if info else registered_name(outcome.port),
+                        banner=info.banner if info else None,
+                        product=info.product if info else None,
+                        version=info.version if info else None,
+                    )
+                )
             for outcome in outcomes:
                 if outcome.state == "open":
-                    self.open.append(
-                        PortResult(
-                            port=outcome.port,
-                            state="open",
-                            reason=outcome.reason,
-                            address=address,
-                            service=service_name(outcome.port),
-                        )
-                    )
-                elif outcome.state == "closed":
+                    continue
+                if outcome.state == "closed":
                     self.closed += 1
                 else:
                     self.filtered += 1
         return self._result("completed", self.reporter.total)
 
+    async def _identify(self, address: str, ports: list[int]) -> dict[int, ServiceInfo]:
+        """Service identification on open ports only, after discovery, bounded in time."""
+        if not ports or not self.job.config.service_detection:
+            return {}
+        self.reporter.announce(f"Identifying services on {len(ports)} open ports", "services")
+        timeout = max(IDENTIFY_MIN_SECONDS, min(IDENTIFY_MAX_SECONDS, 2 * self.job.config.timeout))
+        gate = asyncio.Semaphore(IDENTIFY_CONCURRENCY)
+
+        async def one(port: int) -> ServiceInfo:
+            async with gate:
+                return await identify(address, port, timeout=timeout)
+
+        infos = await asyncio.gather(*(one(port) for port in ports))
+        return dict(zip(ports, infos, strict=True))
+
     @property
     def _partial(self) -> ScanResult:
         seen = {(p.address, p.port) for p in self.open}
         extra = [
-            PortResult(port=port, state="open", address=address, service=service_name(port))
+            PortResult(port=port, state="open", address=address, service=registered_name(port))
             for address, port in self.reporter.open_ports
             if (address, port) not in seen
         ]
@@ -196,15 +223,6 @@ class ScanJob:
         """Tell stream readers the scan ended and give the key its active slot back."""
         self.events.write(("end", {"state": state}))
         self.events.release(self.row.api_key_id if self.row is not None else None)
-
-
-def service_name(port: int) -> str | None:
-    import socket
-
-    try:
-        return socket.getservbyport(port, "tcp")
-    except OSError:
-        return None
 
 
 def register_tasks(app: Celery) -> None:
