@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
+from shared.diff import ScanDiff
 from shared.schemas import ScanAccepted, ScanPage, ScanRequest, ScanStatus
 
 VERSION = "0.1.0"
@@ -66,6 +67,7 @@ def build_openapi() -> dict[str, Any]:
             (ScanAccepted, "serialization"),
             (ScanStatus, "serialization"),
             (ScanPage, "serialization"),
+            (ScanDiff, "serialization"),
             (Error, "serialization"),
         ],
         ref_template="#/components/schemas/{model}",
@@ -176,6 +178,53 @@ def build_openapi() -> dict[str, Any]:
                             "content": {"text/event-stream": {"schema": {"type": "string"}}},
                         },
                         **_errors(401, 404, 422, 503),
+                    },
+                },
+            },
+            "/api/scan/{task_id}/result": {
+                "parameters": [_TASK_ID],
+                "get": {
+                    "summary": "A finished scan's result as JSON, CSV or nmap XML",
+                    "operationId": "scanResult",
+                    "security": _SECURITY,
+                    "parameters": [
+                        {
+                            "name": "format",
+                            "in": "query",
+                            "schema": {"type": "string", "enum": ["json", "csv", "nmap-xml"]},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The result in the asked format",
+                            "content": {
+                                "application/json": {"schema": {"type": "object"}},
+                                "text/csv": {"schema": {"type": "string"}},
+                                "application/xml": {"schema": {"type": "string"}},
+                            },
+                        },
+                        **_errors(401, 404, 409, 422, 503),
+                    },
+                },
+            },
+            "/api/scan/{task_id}/diff": {
+                "parameters": [_TASK_ID],
+                "get": {
+                    "summary": "Ports newly open or closed and changed services since another scan",
+                    "operationId": "scanDiff",
+                    "security": _SECURITY,
+                    "parameters": [
+                        {
+                            "name": "against",
+                            "in": "query",
+                            "description": "`previous` (the key's last completed scan of the "
+                            "same target) or a task id",
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json(ScanDiff, "What changed, old to new"),
+                        **_errors(401, 404, 409, 422, 503),
                     },
                 },
             },

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cybersec_cli import client
 from shared.keys import KeyStore
 from shared.migrate import migrate as apply_migrations
 from shared.settings import load_settings
@@ -40,6 +41,8 @@ def migrate() -> None:
     else:
         console.print("database schema is up to date")
 
+
+app.add_typer(client.app)  # scan, status, list, cancel, result, diff
 
 keys_app = typer.Typer(help="API keys: shown once at creation, stored only as hashes.")
 app.add_typer(keys_app, name="keys")

@@ -47,6 +47,8 @@ OPERATIONS = [
     "GET /api/scan/{task_id}",
     "DELETE /api/scan/{task_id}",
     "GET /api/scan/{task_id}/events",
+    "GET /api/scan/{task_id}/result",
+    "GET /api/scan/{task_id}/diff",
     "GET /healthz",
     "GET /readyz",
 ]
