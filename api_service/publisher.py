@@ -50,6 +50,11 @@ class AmqpPublisher:
         self._connection = self._channel = None
 
     async def _ensure_channel(self) -> AbstractRobustChannel:
+        connection = self._connection
+        if connection is not None and not connection.connected.is_set():
+            # The robust connection is reconnecting in the background: answer now rather than
+            # queue the request behind it, so clients get a 503 at once, not after a timeout.
+            raise PublishFailed("broker connection lost; reconnecting")
         channel = self._channel
         if channel is not None and not channel.is_closed:
             return channel

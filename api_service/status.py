@@ -12,11 +12,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from api_service.errors import ApiError
-from shared.redis_keys import result_key
+from shared.redis_keys import owner_key, result_key
 from shared.schemas import ScanResult, ScanStatus
 from shared.store import ScanRow, ScanStore
 
 log = logging.getLogger(__name__)
+
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 _ROW_STATES = {
     "queued": ("PENDING", "Waiting for a worker"),
@@ -28,10 +30,22 @@ _ROW_STATES = {
 
 
 class StatusReader:
-    def __init__(self, store: ScanStore, redis: aioredis.Redis, redis_prefix: str) -> None:
+    def __init__(
+        self, store: ScanStore, redis: aioredis.Redis, redis_prefix: str, ttl: int = 86_400
+    ) -> None:
         self.store = store
         self.redis = redis
         self.redis_prefix = redis_prefix
+        self.ttl = ttl
+
+    async def remember_owner(self, task_id: UUID, owner: UUID, scan_id: UUID) -> None:
+        """Keep who owns a task in Redis too, so status reads survive a database outage."""
+        try:
+            await self.redis.set(
+                owner_key(self.redis_prefix, task_id), f"{owner}:{scan_id}", ex=self.ttl
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("could not record the owner of %s in Redis: %r", task_id, exc)
 
     async def _meta(self, task_id: UUID) -> dict[str, Any] | None:
         try:
@@ -48,21 +62,50 @@ class StatusReader:
         """The owner's scan; another key's scan is a 404 like a missing one."""
         try:
             row = await self.store.get_by_task(task_id, owner)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except DB_ERRORS as exc:
             raise ApiError(503, "database unavailable", headers={"Retry-After": "5"}) from exc
         if row is None:
             raise ApiError(404, f"no scan with task id {task_id}")
         return row
 
     async def read(self, task_id: UUID, owner: UUID) -> ScanStatus:
-        return await self.for_row(await self.row(task_id, owner))
+        try:
+            row = await self.store.get_by_task(task_id, owner)
+        except DB_ERRORS as exc:
+            log.warning("database unreachable, answering %s from Redis: %r", task_id, exc)
+            return await self._read_from_redis(task_id, owner)
+        if row is None:
+            raise ApiError(404, f"no scan with task id {task_id}")
+        return await self.for_row(row)
+
+    async def _read_from_redis(self, task_id: UUID, owner: UUID) -> ScanStatus:
+        unavailable = ApiError(503, "database unavailable", headers={"Retry-After": "5"})
+        try:
+            raw = await self.redis.get(owner_key(self.redis_prefix, task_id))
+        except (RedisError, OSError):
+            raise unavailable from None
+        if raw is None:
+            raise unavailable
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        key_id, _, scan_id = text.partition(":")
+        if key_id != str(owner):
+            raise ApiError(404, f"no scan with task id {task_id}")
+        status = ScanStatus(
+            task_id=task_id, scan_id=UUID(scan_id), state="PENDING", status="Waiting for a worker"
+        )
+        meta = await self._meta(task_id)
+        if meta is not None:
+            apply_meta(status, meta)
+        return status
 
     async def for_row(self, row: ScanRow) -> ScanStatus:
-        task_id = row.task_id
         if row.state in ("completed", "failed", "revoked"):
             return from_row(row)
-        meta = await self._meta(task_id)
-        return from_meta(row, meta) if meta is not None else from_row(row)
+        meta = await self._meta(row.task_id)
+        status = from_row(row)
+        if meta is not None:
+            apply_meta(status, meta)
+        return status
 
 
 def from_row(row: ScanRow) -> ScanStatus:
@@ -79,17 +122,13 @@ def from_row(row: ScanRow) -> ScanStatus:
     )
 
 
-def from_meta(row: ScanRow, meta: dict[str, Any]) -> ScanStatus:
+def apply_meta(status: ScanStatus, meta: dict[str, Any]) -> None:
+    """Overlay what the result backend knows about a scan that has not ended in PostgreSQL."""
     state = meta.get("status", "PENDING")
     payload = meta.get("result")
-    status = ScanStatus(
-        task_id=row.task_id,
-        scan_id=row.id,
-        state=state if state in _TASK_STATES else "PENDING",
-        status=_ROW_STATES[row.state][1],
-        progress=row.progress,
-        created_at=row.created_at,
-    )
+    if state not in _TASK_STATES:
+        return
+    status.state = state
     if state == "PROGRESS" and isinstance(payload, dict):
         status.status = str(payload.get("status", "Running"))
         status.progress = int(payload.get("progress", 0))
@@ -97,16 +136,15 @@ def from_meta(row: ScanRow, meta: dict[str, Any]) -> ScanStatus:
         status.ports_scanned = payload.get("ports_scanned")
         status.total_ports = payload.get("total_ports")
         status.open_ports_found = payload.get("open_ports")
-    elif state == "SUCCESS" and isinstance(payload, dict):
-        status.status = "Scan completed"
-        status.progress = 100
+    elif state in ("SUCCESS", "REVOKED") and isinstance(payload, dict):
+        status.status = "Scan completed" if state == "SUCCESS" else "Scan cancelled"
+        status.progress = 100 if state == "SUCCESS" else status.progress
         status.result = ScanResult.model_validate(payload)
     elif state == "FAILURE":
         status.status = "Scan failed"
         status.error = _exception_text(payload)
     elif state == "RETRY":
         status.status = "Retrying after a transient failure"
-    return status
 
 
 _TASK_STATES = {"PENDING", "STARTED", "PROGRESS", "SUCCESS", "FAILURE", "RETRY", "REVOKED"}

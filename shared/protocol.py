@@ -31,13 +31,20 @@ def queue_arguments(dead_letter_queue: str) -> dict[str, Any]:
     }
 
 
-def time_limits(payload: ScanTaskPayload, port_count: int, host_count: int = 1) -> tuple[int, int]:
-    """(hard, soft) seconds for a scan: its worst case with every port filtered, plus slack."""
+HARD_LIMIT_MARGIN: Final = 30
+
+
+def time_limits(
+    payload: ScanTaskPayload, port_count: int, host_count: int = 1, *, cap: int = 1500
+) -> tuple[int, int]:
+    """(hard, soft) seconds for a scan: its worst case with every port filtered, plus slack
+    for identification and writes, capped so the hard limit stays under RabbitMQ's consumer
+    timeout."""
     config = payload.config
     rounds = -(-port_count * host_count // max(config.max_concurrent, 1))
     worst = rounds * config.timeout
-    soft = int(60 + 2 * worst)
-    return soft + 30, soft
+    soft = min(cap, int(60 + 2 * worst))
+    return soft + HARD_LIMIT_MARGIN, soft
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +71,13 @@ def build_scan_message(
     port_count: int,
     host_count: int = 1,
     origin: str = _ORIGIN,
+    max_seconds: int = 1500,
 ) -> TaskMessage:
     """A Celery message protocol v2 message running ``SCAN_TASK(payload)``."""
     args = [payload.model_dump(mode="json")]
     kwargs: dict[str, Any] = {}
     embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-    hard, soft = time_limits(payload, port_count, host_count)
+    hard, soft = time_limits(payload, port_count, host_count, cap=max_seconds)
     tid = str(task_id)
     headers: dict[str, Any] = {
         "lang": "py",

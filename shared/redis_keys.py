@@ -28,3 +28,9 @@ def active_key(prefix: str, owner: UUID | str) -> str:
 def rate_key(prefix: str, owner: UUID | str, window: int) -> str:
     """Counter of a key's submissions in one minute window."""
     return f"{_prefix(prefix)}rate:{owner}:{window}"
+
+
+def owner_key(prefix: str, task_id: UUID | str) -> str:
+    """``<key id>:<scan id>`` of a task: lets status reads check ownership while PostgreSQL
+    is unreachable."""
+    return f"{_prefix(prefix)}owner:{task_id}"

@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     """Scan submissions one API key may make per minute."""
     max_active_scans: int = Field(default=10, ge=1)
     """Scans one API key may have queued or running at once."""
+    max_scan_seconds: int = Field(default=1500, ge=60)
+    """Soft time limit cap of one scan task; the hard limit is 30 s more. Keep the hard limit
+    below RabbitMQ's consumer_timeout (30 min by default), which would otherwise close the
+    channel of a worker still holding the unacknowledged message."""
+    db_retry_seconds: float = Field(default=300.0, ge=1)
+    """How long a worker keeps retrying a PostgreSQL write (backoff with jitter) before
+    handing the task back for a later retry; the result is readable from Redis meanwhile."""
     resolve_timeout: float = Field(default=3.0, gt=0)
     """Seconds the gateway and the worker wait for a hostname to resolve."""
 

@@ -232,5 +232,13 @@ class ScanStore:
             error,
         )
 
+    async def fail_by_task(self, task_id: UUID, error: str) -> None:
+        await self.pool.execute(
+            "UPDATE scans SET state = 'failed', error = $2, finished_at = now()"
+            " WHERE task_id = $1 AND state IN ('queued', 'running')",
+            task_id,
+            error,
+        )
+
     async def delete(self, scan_id: UUID) -> None:
         await self.pool.execute("DELETE FROM scans WHERE id = $1", scan_id)

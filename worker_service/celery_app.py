@@ -37,6 +37,9 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={SCAN_TASK: {"queue": settings.scan_queue}},
         task_queue_max_priority=None,
         task_acks_late=True,
+        worker_consumer="worker_service.guard:GuardedConsumer",
+        # Retries publish a new message before acking the old one: confirm it first.
+        broker_transport_options={"confirm_publish": True},
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,

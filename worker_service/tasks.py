@@ -7,29 +7,31 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 from celery import Celery, Task, states
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from shared.errors import InvalidScan, PermanentError
 from shared.ports import parse_port_spec
-from shared.protocol import SCAN_TASK
+from shared.protocol import MAX_DELIVERIES, SCAN_TASK
 from shared.resolve import resolve_target
 from shared.schemas import PortResult, ScanProgress, ScanResult, ScanTaskPayload
 from shared.settings import Settings
 from shared.store import ScanRow, ScanStore
 from shared.targets import parse_target
 from worker_service.fingerprint import ServiceInfo, identify, registered_name
+from worker_service.guard import GuardedRequest
 from worker_service.reporting import EventLog, ProgressReporter
 from worker_service.runtime import WorkerRuntime, get_runtime
 from worker_service.scanner import scan_host
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_RETRIES = 3
 IDENTIFY_CONCURRENCY = 64
@@ -48,6 +50,12 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 def retry_delay(retries: int, *, base: float = 1.0, cap: float = 30.0) -> float:
     """Exponential backoff with full jitter."""
     return random.uniform(0, min(cap, base * 2**retries))
+
+
+class PoisonMessage(PermanentError):
+    """Delivered too often: each delivery ended with its worker gone."""
+
+    code = "poison_message"
 
 
 class ScanSkipped(Exception):
@@ -69,6 +77,7 @@ class ScanJob:
         job: ScanTaskPayload,
         task_id: str,
         update_state: Callable[[ScanProgress], None],
+        publish_result: Callable[[ScanResult], None],
     ) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
@@ -77,14 +86,20 @@ class ScanJob:
             runtime.redis(), self.settings.redis_prefix, task_id, self.settings.result_ttl
         )
         self.update_state = update_state
+        self.publish_result = publish_result
         self.row: ScanRow | None = None
 
     async def run(self) -> ScanResult:
-        store = await self.runtime.store()
-        row = await store.mark_running(self.job.scan_id)
+        store = await self._wait_for_database()
+        row = await self._with_db_retry(lambda: store.mark_running(self.job.scan_id))
         if row is None:
             raise InvalidScan(f"scan {self.job.scan_id} was never accepted by the gateway")
         self.row = row
+        if row.attempts > MAX_DELIVERIES and row.state == "running":
+            raise PoisonMessage(
+                f"delivered {row.attempts - 1} times without finishing (each time its worker "
+                "was lost); moved to the dead-letter queue"
+            )
         if row.state == "completed" and row.result is not None:
             return row.result  # a redelivery of a scan that already finished
         if row.state != "running":
@@ -107,8 +122,39 @@ class ScanJob:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        await store.complete(result)
+        await self._store_result(store, result)
         return result
+
+    async def _wait_for_database(self) -> ScanStore:
+        return await self._with_db_retry(self.runtime.store)
+
+    async def _with_db_retry(self, action: Callable[[], Awaitable[T]]) -> T:
+        """Run a database call, retrying with backoff and jitter for ``db_retry_seconds``."""
+        deadline = time.monotonic() + self.settings.db_retry_seconds
+        attempt = 0
+        while True:
+            try:
+                return await action()
+            except TRANSIENT_ERRORS as exc:
+                attempt += 1
+                delay = retry_delay(attempt, base=0.5, cap=15.0)
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning(
+                    "scan %s: database unavailable (%r), retrying in %.1fs",
+                    self.job.scan_id,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _store_result(self, store: ScanStore, result: ScanResult) -> None:
+        try:
+            await store.complete(result)
+        except TRANSIENT_ERRORS:
+            # Readable from Redis while PostgreSQL is away; the write keeps retrying.
+            self.publish_result(result)
+            await self._with_db_retry(lambda: store.complete(result))
 
     async def _watch_cancel(self, store: ScanStore, scan: asyncio.Future[Any]) -> bool:
         """Cancel the scan when its row asks for it; checked in PostgreSQL, so a cancel
@@ -211,13 +257,10 @@ class ScanJob:
             duration_seconds=round(time.monotonic() - self.clock, 6),
         )
 
-    async def fail(self, reason: str) -> None:
-        store = await self.runtime.store()
-        await store.fail(self.job.scan_id, reason)
-
-    async def revoke(self, partial: ScanResult) -> None:
-        store = await self.runtime.store()
-        await store.revoke(partial)
+    async def with_db(self, write: Callable[[ScanStore], Awaitable[None]]) -> None:
+        """A final write to PostgreSQL, retried while the database is away."""
+        store = await self._wait_for_database()
+        await self._with_db_retry(lambda: write(store))
 
     def finish(self, state: str) -> None:
         """Tell stream readers the scan ended and give the key its active slot back."""
@@ -228,7 +271,7 @@ class ScanJob:
 def register_tasks(app: Celery) -> None:
     settings: Settings = app.conf.cybersec_settings
 
-    @app.task(name=SCAN_TASK, bind=True, max_retries=MAX_RETRIES)
+    @app.task(name=SCAN_TASK, bind=True, max_retries=MAX_RETRIES, Request=GuardedRequest)
     def scan(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
         try:
             job = ScanTaskPayload.model_validate(payload)
@@ -239,23 +282,50 @@ def register_tasks(app: Celery) -> None:
         def update_state(progress: ScanProgress) -> None:
             self.update_state(state="PROGRESS", meta=progress.model_dump(mode="json"))
 
-        run = ScanJob(runtime, job, str(self.request.id), update_state)
+        def publish_result(result: ScanResult) -> None:
+            with contextlib.suppress(Exception):
+                self.update_state(state=states.SUCCESS, meta=result.model_dump(mode="json"))
+
+        run = ScanJob(runtime, job, str(self.request.id), update_state, publish_result)
         try:
             result = runtime.run(run.run())
+        except SoftTimeLimitExceeded:
+            runtime.cancel_pending()
+            limits = self.request.timelimit or (None, None)
+            reason = f"time limit exceeded ({limits[1]} s)"
+            _end_failed(runtime, run, reason)
+            raise InvalidScan(reason) from None
         except ScanSkipped:
             run.finish(states.REVOKED)
             raise Ignore() from None
         except ScanCancelled as cancelled:
-            runtime.run(run.revoke(cancelled.partial))
-            self.update_state(state=states.REVOKED, meta=cancelled.partial.model_dump(mode="json"))
+            partial = cancelled.partial
+            runtime.run(run.with_db(lambda store: store.revoke(partial)))
+            self.update_state(state=states.REVOKED, meta=partial.model_dump(mode="json"))
             run.finish(states.REVOKED)
             raise Ignore() from None
+        except PoisonMessage as exc:
+            _end_failed(runtime, run, str(exc))
+            self.backend.mark_as_failure(str(self.request.id), exc, request=self.request)
+            raise Reject(str(exc), requeue=False) from None
         except PermanentError as exc:
-            runtime.run(run.fail(str(exc)))
-            run.finish(states.FAILURE)
+            _end_failed(runtime, run, str(exc))
             raise
         except TRANSIENT_ERRORS as exc:
             log.warning("scan %s: transient failure, retrying: %r", job.scan_id, exc)
+            if self.request.retries >= MAX_RETRIES:
+                _end_failed(runtime, run, f"gave up after {MAX_RETRIES} retries: {exc!r}")
             raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
         run.finish(states.SUCCESS)
         return result.model_dump(mode="json")
+
+
+def _end_failed(runtime: WorkerRuntime, run: ScanJob, reason: str) -> None:
+    """Record a failure where possible; a database still away must not hide the reason."""
+    try:
+        runtime.run(run.with_db(lambda store: store.fail(run.job.scan_id, reason)))
+    except TRANSIENT_ERRORS as exc:
+        log.error(
+            "scan %s failed (%s) but the database is unavailable: %r", run.job.scan_id, reason, exc
+        )
+    run.finish(states.FAILURE)

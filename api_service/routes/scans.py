@@ -107,7 +107,9 @@ async def submit_scan(request: Request) -> Response:
         config=scan.config,
         priority=scan.priority,
     )
-    hard_limit, _soft = time_limits(payload, len(parsed.ports), parsed.hosts)
+    hard_limit, _soft = time_limits(
+        payload, len(parsed.ports), parsed.hosts, cap=svc.settings.max_scan_seconds
+    )
     await svc.limiter.admit(owner, task_id, hard_limit)
     try:
         row = await svc.store.insert(
@@ -134,8 +136,13 @@ async def submit_scan(request: Request) -> Response:
         return earlier
 
     message = build_scan_message(
-        task_id, payload, port_count=len(parsed.ports), host_count=parsed.hosts
+        task_id,
+        payload,
+        port_count=len(parsed.ports),
+        host_count=parsed.hosts,
+        max_seconds=svc.settings.max_scan_seconds,
     )
+    await svc.status.remember_owner(task_id, owner, scan_id)
     try:
         await svc.publisher.publish(message)
     except PublishFailed as exc:

@@ -1,0 +1,74 @@
+"""Messages that could hurt a worker go to the dead-letter queue instead.
+
+Celery's own handling would let a malformed protocol-v2 body (not ``[args, kwargs, embed]``)
+raise out of the consumer and kill the worker's main process, and it acknowledges, so
+silently drops, a body it cannot decode. Here both are rejected without requeue, which routes
+them to ``<prefix>.scans.dead`` through the queue's dead-letter arguments, and their scan is
+marked failed with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+from celery.exceptions import InvalidTaskError
+from celery.worker.consumer import Consumer
+from celery.worker.request import Request
+
+from shared.errors import InvalidScan
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class GuardedRequest(Request):
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(message, *args, **kwargs)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InvalidTaskError(f"malformed scan message: {exc}") from exc
+
+
+class GuardedConsumer(Consumer):
+    connection_errors: tuple[type[BaseException], ...]
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        log.error("undecodable message dead-lettered: %r", exc)
+        self._dead_letter(message, f"undecodable scan message: {type(exc).__name__}")
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        log.error("invalid task message dead-lettered: %s", exc)
+        self._dead_letter(message, str(exc))
+
+    def _dead_letter(self, message: Any, reason: str) -> None:
+        message.reject_log_error(log, self.connection_errors, requeue=False)
+        headers = getattr(message, "headers", None) or {}
+        task_id = headers.get("id") if isinstance(headers, dict) else None
+        if task_id is None:
+            return
+        try:
+            self.app.backend.mark_as_failure(task_id, InvalidScan(reason))
+        except Exception as exc:  # the backend may be down too; the DLQ keeps the message
+            log.warning("could not record the failure of %s: %r", task_id, exc)
+        settings: Settings = self.app.conf.cybersec_settings
+        try:
+            asyncio.run(_fail(settings.database_url, task_id, reason))
+        except (OSError, asyncpg.PostgresError, TimeoutError, ValueError) as exc:
+            log.warning("could not mark scan of task %s failed: %r", task_id, exc)
+
+
+async def _fail(dsn: str, task_id: str, reason: str) -> None:
+    conn = await asyncpg.connect(dsn, timeout=3)
+    try:
+        await conn.execute(
+            "UPDATE scans SET state = 'failed', error = $2, finished_at = now()"
+            " WHERE task_id = $1 AND state IN ('queued', 'running')",
+            UUID(str(task_id)),
+            reason,
+        )
+    finally:
+        await conn.close()
