@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from api_service.errors import ApiError
+from shared.protocol import STORING
 from shared.redis_keys import owner_key, result_key
 from shared.schemas import ScanResult, ScanStatus
 from shared.store import ScanRow, ScanStore
@@ -126,6 +127,8 @@ def apply_meta(status: ScanStatus, meta: dict[str, Any]) -> None:
     """Overlay what the result backend knows about a scan that has not ended in PostgreSQL."""
     state = meta.get("status", "PENDING")
     payload = meta.get("result")
+    if state == STORING:
+        state = "SUCCESS"
     if state not in _TASK_STATES:
         return
     status.state = state

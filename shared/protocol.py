@@ -18,6 +18,8 @@ from shared.schemas import Priority, ScanTaskPayload
 SCAN_TASK: Final = "cybersec.scan"
 MAX_PRIORITY: Final = 10
 PRIORITIES: Final[dict[Priority, int]] = {"low": 1, "normal": 4, "high": 7, "critical": 10}
+STORING: Final = "STORING"
+"""Task state of a finished scan whose result is in Redis while PostgreSQL is unreachable."""
 MAX_DELIVERIES: Final = 5
 """Deliveries of one message before it is dead-lettered (see the worker's poison guard)."""
 

@@ -2,25 +2,57 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
+from typing import Any
+
+
+def _metrics_directory() -> str:
+    """A directory for this worker's metric samples, removed when the main process exits."""
+    path = tempfile.mkdtemp(prefix="cybersec-worker-metrics-")
+    owner = os.getpid()
+
+    def remove() -> None:
+        if os.getpid() == owner:  # not a forked child that happens to exit normally
+            shutil.rmtree(path, ignore_errors=True)
+
+    atexit.register(remove)
+    return path
+
+
+def _keep_our_logging(**_: Any) -> None:
+    """Connected to Celery's ``setup_logging``: Celery then installs no handler of its own."""
 
 
 def main(argv: list[str] | None = None) -> None:
     # SIGTERM means Celery's soft shutdown (finish within the bound, then requeue), not a warm
     # shutdown that waits forever. billiard reads this when imported, so set it first.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    from shared.logging import configure_logging
     from shared.settings import load_settings
-    from worker_service.app import create_worker_app
 
     settings = load_settings()
+    configure_logging(settings.log_level, "worker", settings.log_format)
+    if settings.metrics_port:
+        # Every prefork child writes its samples there. prometheus_client picks multiprocess
+        # mode when first imported, so this comes before the worker's modules are loaded.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_directory()
+    from celery.signals import setup_logging
+
+    from worker_service.app import create_worker_app
+
+    setup_logging.connect(_keep_our_logging, weak=False)
     app = create_worker_app(settings)
     args = sys.argv[1:] if argv is None else argv
     if not any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in args):
         # Node names must be unique per broker (each owns an exclusive pidbox queue); two
         # workers on one host would otherwise both be celery@host.
         args = [f"--hostname={settings.queue_prefix}-{os.getpid()}@%h", *args]
-    app.worker_main(["worker", f"--loglevel={settings.log_level}", *args])
+    banner = ["--quiet"] if settings.log_format == "json" else []  # no banner among JSON lines
+    app.worker_main([*banner, "worker", f"--loglevel={settings.log_level}", *args])
 
 
 if __name__ == "__main__":

@@ -25,7 +25,17 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         result_backend=settings.redis_url,
-        result_backend_transport_options={"global_keyprefix": settings.redis_prefix},
+        result_backend_transport_options={
+            "global_keyprefix": settings.redis_prefix,
+            # Fail fast while Redis is away: PostgreSQL holds every result, and a worker stuck
+            # retrying the backend would stop scanning.
+            "retry_policy": {
+                "max_retries": 2,
+                "interval_start": 0,
+                "interval_step": 0.5,
+                "interval_max": 1,
+            },
+        },
         result_expires=settings.result_ttl,
         result_extended=False,
         task_serializer=codec.CODEC_NAME,

@@ -31,6 +31,9 @@ class GuardedRequest(Request):
             super().__init__(message, *args, **kwargs)
         except (ValueError, TypeError, KeyError) as exc:
             raise InvalidTaskError(f"malformed scan message: {exc}") from exc
+        task_args, task_kwargs, _embed = self._payload  # type: ignore[attr-defined]
+        if not isinstance(task_args, list | tuple) or not isinstance(task_kwargs, dict):
+            raise InvalidTaskError("malformed scan message: args must be a list, kwargs a dict")
 
 
 class GuardedConsumer(Consumer):

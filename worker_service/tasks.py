@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
+from uuid import UUID
 
 import asyncpg
 from celery import Celery, Task, states
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 
 from shared.errors import InvalidScan, PermanentError
 from shared.ports import parse_port_spec
-from shared.protocol import MAX_DELIVERIES, SCAN_TASK
+from shared.protocol import MAX_DELIVERIES, SCAN_TASK, STORING
 from shared.resolve import resolve_target
 from shared.schemas import PortResult, ScanProgress, ScanResult, ScanTaskPayload
 from shared.settings import Settings
@@ -273,18 +274,25 @@ def register_tasks(app: Celery) -> None:
 
     @app.task(name=SCAN_TASK, bind=True, max_retries=MAX_RETRIES, Request=GuardedRequest)
     def scan(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+        runtime = get_runtime(settings)
         try:
             job = ScanTaskPayload.model_validate(payload)
         except ValidationError as exc:
-            raise InvalidScan(f"invalid scan payload: {exc.error_count()} errors") from None
-        runtime = get_runtime(settings)
+            reason = f"invalid scan payload ({exc.error_count()} errors); dead-lettered"
+            task_id = UUID(str(self.request.id))
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                runtime.run(_fail_task(runtime, task_id, reason))
+            self.backend.mark_as_failure(str(self.request.id), InvalidScan(reason))
+            raise Reject(reason, requeue=False) from None
 
         def update_state(progress: ScanProgress) -> None:
             self.update_state(state="PROGRESS", meta=progress.model_dump(mode="json"))
 
         def publish_result(result: ScanResult) -> None:
             with contextlib.suppress(Exception):
-                self.update_state(state=states.SUCCESS, meta=result.model_dump(mode="json"))
+                # Not SUCCESS: Celery would then ack a redelivered message whose worker died
+                # before the database write landed, and the durable record would be lost.
+                self.update_state(state=STORING, meta=result.model_dump(mode="json"))
 
         run = ScanJob(runtime, job, str(self.request.id), update_state, publish_result)
         try:
@@ -318,6 +326,11 @@ def register_tasks(app: Celery) -> None:
             raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
         run.finish(states.SUCCESS)
         return result.model_dump(mode="json")
+
+
+async def _fail_task(runtime: WorkerRuntime, task_id: UUID, reason: str) -> None:
+    store = await runtime.store()
+    await store.fail_by_task(task_id, reason)
 
 
 def _end_failed(runtime: WorkerRuntime, run: ScanJob, reason: str) -> None:

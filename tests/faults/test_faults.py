@@ -1,0 +1,475 @@
+"""Break things for real and count: every scan the API accepted must finish or fail with a
+stated reason; none may be lost or stored twice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+import aio_pika
+import asyncpg
+import httpx
+import orjson
+import pytest
+
+from shared import codec
+from shared.protocol import build_scan_message
+from shared.schemas import ScanConfig, ScanTaskPayload
+from shared.settings import Settings
+from tests.conftest import (
+    Process,
+    auth,
+    base_url,
+    delete_queues,
+    start_api,
+    start_worker,
+    variant,
+)
+from tests.faults import services
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
+
+FINAL_ROW_STATES = ("completed", "failed", "revoked")
+
+
+class Stack:
+    """A gateway and a worker of their own, so faults do not depend on other tests' state."""
+
+    def __init__(self, settings: Settings, run_dir: Path) -> None:
+        self.settings = settings
+        self.run_dir = run_dir
+        self.api = start_api(settings, run_dir / "api-faults.log")
+        self.worker: Process | None = None
+        self.workers = 0
+        self.start_worker()
+
+    @property
+    def url(self) -> str:
+        return base_url(self.settings)
+
+    def start_worker(self) -> Process:
+        self.workers += 1
+        self.worker = start_worker(
+            self.settings, self.run_dir / f"worker-faults-{self.workers}.log", concurrency=2
+        )
+        return self.worker
+
+    def children(self) -> list[int]:
+        assert self.worker is not None
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.worker.popen.pid)],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        return [int(pid) for pid in out.split()]
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        self.api.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(settings: Settings, run_dir: Path, database: str) -> Iterator[Stack]:
+    faults = variant(
+        settings,
+        "faults",
+        run_dir,
+        shutdown_timeout=3,
+        db_retry_seconds=120,
+        publish_timeout=2.0,
+        rate_limit_per_minute=100_000,
+        max_active_scans=100_000,
+    )
+    created = Stack(faults, run_dir)
+    try:
+        yield created
+    finally:
+        created.stop()
+        asyncio.run(delete_queues(faults))
+
+
+def query(settings: Settings, sql: str, *args: Any) -> list[asyncpg.Record]:
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(settings.database_url, timeout=5)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+class Batch:
+    """Scans submitted as a careful client would: one Idempotency-Key per scan, retried
+    after a 503 until accepted or the deadline."""
+
+    def __init__(self, fault: str, stack: Stack, key: str, ports: str, timeout: float) -> None:
+        self.fault = fault
+        self.name = f"{fault}-{uuid4().hex[:8]}"
+        self.stack = stack
+        self.client = httpx.Client(base_url=stack.url, headers=auth(key), timeout=10)
+        self.body = {
+            "target": "127.0.0.1",
+            "ports": ports,
+            "config": {"timeout": timeout, "service_detection": False},
+        }
+        self.submitted = 0
+        self.refused = 0
+        self.accepted: dict[str, str] = {}
+
+    def submit(self, count: int, deadline: float = 60) -> None:
+        for _ in range(count):
+            key = f"{self.name}-{self.submitted}"
+            self.submitted += 1
+            give_up = time.monotonic() + deadline
+            while time.monotonic() < give_up:
+                try:
+                    response = self.client.post(
+                        "/api/scan", json=self.body, headers={"Idempotency-Key": key}
+                    )
+                except httpx.TransportError:
+                    time.sleep(0.5)
+                    continue
+                if response.status_code == 202:
+                    self.accepted[key] = response.json()["task_id"]
+                    break
+                assert response.status_code == 503, response.text
+                self.refused += 1
+                time.sleep(min(2.0, float(response.headers.get("retry-after", "1"))))
+
+    def wait_running(self, at_least: int = 1, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = self.rows()
+            if sum(r["state"] == "running" for r in rows) >= at_least:
+                return
+            time.sleep(0.05)
+        pytest.fail(f"{self.name}: no scan started running")
+
+    def rows(self) -> list[asyncpg.Record]:
+        return query(
+            self.stack.settings,
+            "SELECT idempotency_key, task_id, state, error, attempts FROM scans"
+            " WHERE idempotency_key LIKE $1",
+            f"{self.name}-%",
+        )
+
+    def settle(self, report: list[dict[str, Any]], timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        rows: list[asyncpg.Record] = []
+        while time.monotonic() < deadline:
+            rows = self.rows()
+            if len(rows) >= len(self.accepted) and all(
+                r["state"] in FINAL_ROW_STATES for r in rows
+            ):
+                break
+            time.sleep(0.25)
+        self.client.close()
+        by_key: dict[str, list[asyncpg.Record]] = {}
+        for row in rows:
+            by_key.setdefault(row["idempotency_key"], []).append(row)
+        final = {k: v[0] for k, v in by_key.items() if v[0]["state"] in FINAL_ROW_STATES}
+        counts = {
+            "fault": self.fault,
+            "submitted": self.submitted,
+            "accepted": len(self.accepted),
+            "refused_503": self.refused,
+            "completed": sum(r["state"] == "completed" for r in final.values()),
+            "failed": sum(r["state"] == "failed" and bool(r["error"]) for r in final.values()),
+            "lost": sum(1 for key in self.accepted if key not in final),
+            "duplicated": sum(len(v) - 1 for v in by_key.values())
+            + sum(
+                1 for k, t in self.accepted.items() if k in final and str(final[k]["task_id"]) != t
+            ),
+            "reasons": sorted({r["error"] for r in final.values() if r["state"] == "failed"}),
+        }
+        report.append(counts)
+        return counts
+
+
+def assert_nothing_lost(counts: dict[str, Any]) -> None:
+    assert counts["accepted"] == counts["submitted"], counts
+    assert counts["lost"] == 0, counts
+    assert counts["duplicated"] == 0, counts
+    assert counts["completed"] + counts["failed"] == counts["accepted"], counts
+
+
+def scan_ports(listeners: list[int], silent_port: int) -> str:
+    return ",".join(map(str, [*listeners, silent_port]))
+
+
+def test_worker_processes_killed_mid_scan(
+    stack: Stack,
+    api_key: str,
+    listeners: list[int],
+    silent_port: int,
+    report: list[dict[str, Any]],
+) -> None:
+    batch = Batch("worker child SIGKILL", stack, api_key, scan_ports(listeners, silent_port), 2.0)
+    batch.submit(6)
+    for _ in range(2):
+        batch.wait_running()
+        for pid in stack.children():
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+    counts = batch.settle(report)
+    assert_nothing_lost(counts)
+    assert counts["completed"] == 6, counts
+    assert max(r["attempts"] for r in batch.rows()) >= 2  # some scans really were redelivered
+
+
+def test_whole_worker_killed_and_replaced(
+    stack: Stack,
+    api_key: str,
+    listeners: list[int],
+    silent_port: int,
+    report: list[dict[str, Any]],
+) -> None:
+    batch = Batch(
+        "worker SIGKILL, new worker", stack, api_key, scan_ports(listeners, silent_port), 2.0
+    )
+    batch.submit(6)
+    batch.wait_running()
+    assert stack.worker is not None
+    children = stack.children()
+    os.kill(stack.worker.popen.pid, signal.SIGKILL)
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    stack.worker.stop()
+    stack.start_worker()
+    counts = batch.settle(report)
+    assert_nothing_lost(counts)
+    assert counts["completed"] == 6, counts
+
+
+def test_sigterm_requeues_running_scans_within_the_bound(
+    stack: Stack,
+    api_key: str,
+    listeners: list[int],
+    silent_port: int,
+    report: list[dict[str, Any]],
+) -> None:
+    # Each scan waits 8 s on its silent port, longer than the 3 s shutdown bound.
+    batch = Batch("worker SIGTERM", stack, api_key, scan_ports(listeners, silent_port), 8.0)
+    batch.submit(3)
+    batch.wait_running()
+    assert stack.worker is not None
+    asked = time.monotonic()
+    stack.worker.popen.send_signal(signal.SIGTERM)
+    code = stack.worker.popen.wait(stack.settings.shutdown_timeout + 15)
+    took = time.monotonic() - asked
+    assert took < stack.settings.shutdown_timeout + 10, took
+    log = stack.worker.output()
+    assert "Soft Shutdown" in log, log[-2000:]
+    stack.worker.stop()
+    stack.start_worker()
+    counts = batch.settle(report)
+    assert_nothing_lost(counts)
+    assert counts["completed"] == 3, counts
+    assert code is not None
+
+
+def test_broker_outage(
+    stack: Stack,
+    api_key: str,
+    listeners: list[int],
+    silent_port: int,
+    report: list[dict[str, Any]],
+) -> None:
+    batch = Batch("RabbitMQ stopped", stack, api_key, scan_ports(listeners, silent_port), 1.0)
+    batch.submit(4)
+    first = next(iter(batch.accepted.values()))
+    with services.outage(services.stop_rabbitmq, services.start_rabbitmq):
+        asked = time.monotonic()
+        refused = batch.client.post("/api/scan", json=batch.body)
+        assert refused.status_code == 503, refused.text
+        assert time.monotonic() - asked < 1.5
+        assert refused.headers["retry-after"]
+        assert refused.json()["error"]["code"] == "unavailable"
+        assert batch.client.get(f"/api/scan/{first}").status_code == 200
+        ready = httpx.get(f"{stack.url}/readyz").json()
+        assert ready["checks"]["broker"] is False
+    # The gateway reconnects by itself: a client retrying after 503 gets its 202.
+    batch.submit(4, deadline=90)
+    counts = batch.settle(report)
+    assert_nothing_lost(counts)
+    assert counts["completed"] == 8, counts
+    assert httpx.get(f"{stack.url}/readyz").status_code == 200
+
+
+def test_database_outage_while_scans_finish(
+    stack: Stack,
+    api_key: str,
+    listeners: list[int],
+    silent_port: int,
+    report: list[dict[str, Any]],
+) -> None:
+    batch = Batch("PostgreSQL stopped", stack, api_key, scan_ports(listeners, silent_port), 3.0)
+    batch.submit(4)
+    batch.wait_running(at_least=2)
+    seen_from_redis = False
+    with services.outage(services.stop_postgres, services.start_postgres):
+        refused = batch.client.post("/api/scan", json=batch.body)
+        assert refused.status_code == 503
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not seen_from_redis:
+            for task_id in batch.accepted.values():
+                answer = batch.client.get(f"/api/scan/{task_id}")
+                if answer.status_code == 200 and answer.json()["state"] == "SUCCESS":
+                    assert answer.json()["result"]["open_ports"]
+                    seen_from_redis = True
+            time.sleep(0.2)
+    assert seen_from_redis, "no finished result was readable from Redis during the outage"
+    counts = batch.settle(report)
+    assert_nothing_lost(counts)
+    assert counts["completed"] == 4, counts
+
+
+def test_redis_outage(
+    stack: Stack,
+    api_key: str,
+    listeners: list[int],
+    silent_port: int,
+    report: list[dict[str, Any]],
+) -> None:
+    batch = Batch("Redis stopped", stack, api_key, scan_ports(listeners, silent_port), 2.0)
+    batch.submit(2)
+    with services.outage(services.stop_redis, services.start_redis):
+        batch.submit(2)  # accepted: limits fail open, PostgreSQL records the scans
+        for task_id in batch.accepted.values():
+            answer = batch.client.get(f"/api/scan/{task_id}")
+            assert answer.status_code == 200  # answered from PostgreSQL
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if all(r["state"] in FINAL_ROW_STATES for r in batch.rows()):
+                break
+            time.sleep(0.2)
+    counts = batch.settle(report)
+    assert_nothing_lost(counts)
+    assert counts["completed"] == 4, counts
+    # Progress is back once Redis is: a new scan reports PROGRESS again.
+    after = Batch("after Redis returned", stack, api_key, scan_ports(listeners, silent_port), 2.0)
+    after.submit(1)
+    task_id = next(iter(after.accepted.values()))
+    states: set[str] = set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "SUCCESS" not in states:
+        states.add(after.client.get(f"/api/scan/{task_id}").json()["state"])
+        time.sleep(0.05)
+    assert "PROGRESS" in states, states
+    assert_nothing_lost(after.settle([]))
+
+
+async def _publish_raw(settings: Settings, body: bytes, content_type: str, task_id: UUID) -> None:
+    connection = await aio_pika.connect(settings.broker_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        headers = build_scan_message(task_id, _payload(uuid4()), port_count=1).headers
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                body=body,
+                headers=headers,
+                content_type=content_type,
+                content_encoding="utf-8",
+                correlation_id=str(task_id),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=settings.scan_queue,
+        )
+
+
+def _payload(scan_id: UUID) -> ScanTaskPayload:
+    return ScanTaskPayload(
+        scan_id=scan_id, target="127.0.0.1", ports="1", config=ScanConfig(), priority="normal"
+    )
+
+
+async def _dead_letters(settings: Settings) -> int:
+    connection = await aio_pika.connect(settings.broker_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(settings.dead_letter_queue, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+
+def test_poison_messages_are_dead_lettered_and_the_worker_survives(
+    stack: Stack,
+    api_key: str,
+    listeners: list[int],
+    silent_port: int,
+    report: list[dict[str, Any]],
+) -> None:
+    settings = stack.settings
+    assert stack.worker is not None
+    worker_pid = stack.worker.popen.pid
+    before = asyncio.run(_dead_letters(settings))
+    owner = query(settings, "SELECT id FROM api_keys WHERE key_prefix = $1", api_key[:10])
+    bodies = [
+        (codec.dumps([[_payload(uuid4()).model_dump(mode="json")], {}]), codec.CONTENT_TYPE),
+        (b"\x00\xff not json", codec.CONTENT_TYPE),
+        (orjson.dumps({"args": 1}), codec.CONTENT_TYPE),
+        (codec.dumps([[{"bogus": True}], {}, {}]), codec.CONTENT_TYPE),
+        (b"\x80\x04K\x01.", "application/x-python-serialize"),
+    ]
+    task_ids = []
+    for body, content_type in bodies:
+        task_id = uuid4()
+        query(
+            settings,
+            "INSERT INTO scans (id, task_id, target, ports, config, priority, api_key_id)"
+            " VALUES ($1, $2, '127.0.0.1', '1', '{}', 'normal', $3)",
+            uuid4(),
+            task_id,
+            owner[0]["id"] if owner else None,
+        )
+        asyncio.run(_publish_raw(settings, body, content_type, task_id))
+        task_ids.append(task_id)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if asyncio.run(_dead_letters(settings)) >= before + len(bodies):
+            break
+        time.sleep(0.2)
+    assert asyncio.run(_dead_letters(settings)) == before + len(bodies), stack.worker.output()[
+        -6000:
+    ]
+    rows = query(settings, "SELECT state, error FROM scans WHERE task_id = ANY($1)", task_ids)
+    assert [r["state"] for r in rows] == ["failed"] * len(bodies)
+    assert all(r["error"] for r in rows)
+    assert stack.worker.alive()
+    assert stack.worker.popen.pid == worker_pid
+
+    # A scan whose worker dies on every delivery is given up after a bounded number.
+    batch = Batch(
+        "poison: kills its worker", stack, api_key, scan_ports(listeners, silent_port), 5.0
+    )
+    batch.submit(1)
+    seen_attempts = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        row = batch.rows()[0]
+        if row["state"] in FINAL_ROW_STATES:
+            break
+        if row["state"] == "running" and row["attempts"] > seen_attempts:
+            seen_attempts = row["attempts"]
+            time.sleep(0.3)
+            for pid in stack.children():
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    counts = batch.settle(report)
+    assert counts["failed"] == 1, counts
+    assert "moved to the dead-letter queue" in counts["reasons"][0]
+    assert asyncio.run(_dead_letters(settings)) == before + len(bodies) + 1
+
+    # And the worker still scans.
+    healthy = Batch("after poison", stack, api_key, ",".join(map(str, listeners)), 1.0)
+    healthy.submit(1)
+    assert healthy.settle([])["completed"] == 1
