@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
 from shared.diff import ScanDiff
-from shared.schemas import ScanAccepted, ScanPage, ScanRequest, ScanStatus
+from shared.schemas import ScanAccepted, ScanCached, ScanPage, ScanRequest, ScanStatus
 
 VERSION = "0.1.0"
 
@@ -65,6 +65,7 @@ def build_openapi() -> dict[str, Any]:
         [
             (ScanRequest, "validation"),
             (ScanAccepted, "serialization"),
+            (ScanCached, "serialization"),
             (ScanStatus, "serialization"),
             (ScanPage, "serialization"),
             (ScanDiff, "serialization"),
@@ -112,6 +113,7 @@ def build_openapi() -> dict[str, Any]:
                         "content": {"application/json": {"schema": _ref(ScanRequest)}},
                     },
                     "responses": {
+                        "200": _json(ScanCached, "The same scan finished within the cache TTL"),
                         "202": _json(ScanAccepted, "Queued; the broker confirmed the message"),
                         **_errors(400, 401, 403, 409, 413, 415, 422, 429, 503),
                     },

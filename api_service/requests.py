@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from typing import Any, TypeVar
 
@@ -84,6 +85,11 @@ class ParsedScan:
         self.hosts = 1
         if self.target.kind == "network":
             self.hosts = len(network_hosts(ipaddress.ip_network(self.target.value)))
+
+    def cache_key(self) -> bytes:
+        """Identifies what the scan would find: target, ports and config (not priority)."""
+        scan = self.scan.model_dump(mode="json", include={"target", "ports", "config"})
+        return hashlib.sha256(orjson.dumps(scan, option=orjson.OPT_SORT_KEYS)).digest()
 
     def fingerprint(self) -> bytes:
         """Identifies the request's meaning, for Idempotency-Key replays."""

@@ -37,6 +37,9 @@ class ScanRequest(_Strict):
     ports: str = Field(default="1-1000", max_length=4096, description='e.g. "22,80,8000-8100"')
     config: ScanConfig = Field(default_factory=ScanConfig)
     priority: Priority = "normal"
+    force: bool = Field(
+        default=False, description="Scan even when a cached result of the same scan exists"
+    )
 
     @field_validator("target")
     @classmethod
@@ -103,6 +106,18 @@ class ScanAccepted(_Strict):
     scan_id: UUID
     status: Literal["queued"] = "queued"
     message: str
+
+
+class ScanCached(_Strict):
+    """Answer to a submission identical to a scan completed within the cache TTL."""
+
+    task_id: UUID
+    scan_id: UUID
+    status: Literal["completed"] = "completed"
+    cached: Literal[True] = True
+    cached_at: datetime
+    message: str
+    result: ScanResult
 
 
 class ScanStatus(BaseModel):

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     """Worker's Prometheus port (0: off). The API serves ``/metrics`` on its own port."""
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    """Log lines as one JSON object each (for collectors), or ``text`` for a terminal."""
 
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
     """Comma-separated API keys registered (as hashes) at API start, e.g. from a k8s Secret."""
@@ -67,6 +69,9 @@ class Settings(BaseSettings):
     db_retry_seconds: float = Field(default=300.0, ge=1)
     """How long a worker keeps retrying a PostgreSQL write (backoff with jitter) before
     handing the task back for a later retry; the result is readable from Redis meanwhile."""
+    result_cache_ttl: int = Field(default=0, ge=0)
+    """Seconds a completed scan answers identical submissions (same key, target, ports and
+    config) instead of a new scan; 0 disables the cache, ``force: true`` bypasses it."""
     resolve_timeout: float = Field(default=3.0, gt=0)
     """Seconds the gateway and the worker wait for a hostname to resolve."""
 

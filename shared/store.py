@@ -91,11 +91,13 @@ class ScanStore:
         owner: UUID | None = None,
         idempotency_key: str | None = None,
         request_hash: bytes | None = None,
+        cache_key: bytes | None = None,
     ) -> ScanRow | None:
         """Insert a queued scan; None when the owner already used this idempotency key."""
         record = await self.pool.fetchrow(
             "INSERT INTO scans (id, task_id, target, ports, config, priority, api_key_id,"
-            " idempotency_key, request_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            " idempotency_key, request_hash, cache_key)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
             " ON CONFLICT (api_key_id, idempotency_key) WHERE idempotency_key IS NOT NULL"
             " DO NOTHING RETURNING *",
             scan_id,
@@ -107,6 +109,19 @@ class ScanStore:
             owner,
             idempotency_key,
             request_hash,
+            cache_key,
+        )
+        return ScanRow.from_record(record) if record is not None else None
+
+    async def cached(self, owner: UUID, cache_key: bytes, max_age: int) -> ScanRow | None:
+        """The owner's newest completed scan with this cache key, finished within max_age s."""
+        record = await self.pool.fetchrow(
+            "SELECT * FROM scans WHERE api_key_id = $1 AND cache_key = $2"
+            " AND state = 'completed' AND finished_at > now() - make_interval(secs => $3)"
+            " ORDER BY finished_at DESC LIMIT 1",
+            owner,
+            cache_key,
+            float(max_age),
         )
         return ScanRow.from_record(record) if record is not None else None
 

@@ -31,6 +31,7 @@ from shared.redis_keys import events_key
 from shared.resolve import resolve_target
 from shared.schemas import (
     ScanAccepted,
+    ScanCached,
     ScanPage,
     ScanRequest,
     ScanStatus,
@@ -92,6 +93,12 @@ async def submit_scan(request: Request) -> Response:
         if earlier is not None:
             return earlier
 
+    cache_key = parsed.cache_key()
+    if svc.settings.result_cache_ttl and not scan.force:
+        cached = await _cached(request, owner, cache_key)
+        if cached is not None:
+            return cached
+
     try:
         await resolve_target(parsed.target, svc.policy, timeout=svc.settings.resolve_timeout)
     except TargetDenied as exc:
@@ -122,6 +129,7 @@ async def submit_scan(request: Request) -> Response:
             owner=owner,
             idempotency_key=idempotency_key,
             request_hash=hashlib.sha256(fingerprint).digest() if idempotency_key else None,
+            cache_key=cache_key,
         )
     except DB_ERRORS as exc:
         log.warning("cannot record scan: %r", exc)
@@ -152,6 +160,27 @@ async def submit_scan(request: Request) -> Response:
         await _forget(request, owner, scan_id, task_id)
         raise ApiError(503, "broker unavailable", headers={"Retry-After": "5"}) from None
     return accepted_response(row, len(parsed.ports))
+
+
+async def _cached(request: Request, owner: UUID, cache_key: bytes) -> Response | None:
+    svc = services(request)
+    try:
+        row = await svc.store.cached(owner, cache_key, svc.settings.result_cache_ttl)
+    except DB_ERRORS:
+        raise db_unavailable() from None
+    if row is None or row.result is None or row.finished_at is None:
+        return None
+    body = ScanCached(
+        task_id=row.task_id,
+        scan_id=row.id,
+        cached_at=row.finished_at,
+        message=f"Same scan completed at {row.finished_at.isoformat()}; send force=true to "
+        "scan again",
+        result=row.result,
+    )
+    return ORJSONResponse(
+        body.model_dump(mode="json"), headers={"Location": f"/api/scan/{row.task_id}"}
+    )
 
 
 async def _forget(request: Request, owner: UUID, scan_id: UUID, task_id: UUID) -> None:
