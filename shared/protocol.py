@@ -16,6 +16,10 @@ from shared import codec
 from shared.schemas import Priority, ScanTaskPayload
 
 SCAN_TASK: Final = "cybersec.scan"
+SHARD_TASK: Final = "cybersec.scan_shard"
+"""One part of a large scan; the worker that took the scan publishes these itself."""
+MERGE_TASK: Final = "cybersec.scan_merge"
+"""Chord callback joining a large scan's shards into its one result."""
 MAX_PRIORITY: Final = 10
 PRIORITIES: Final[dict[Priority, int]] = {"low": 1, "normal": 4, "high": 7, "critical": 10}
 STORING: Final = "STORING"

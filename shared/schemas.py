@@ -88,6 +88,7 @@ class ScanResult(_Strict):
     started_at: datetime
     finished_at: datetime
     duration_seconds: float
+    shards: int = 1
 
 
 class ScanProgress(_Strict):

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     db_retry_seconds: float = Field(default=300.0, ge=1)
     """How long a worker keeps retrying a PostgreSQL write (backoff with jitter) before
     handing the task back for a later retry; the result is readable from Redis meanwhile."""
+    shard_min_ports: int = Field(default=16_384, ge=1)
+    """A scan of at least twice this many (address, port) probes is split into shards that
+    run in parallel on several worker processes; each shard gets at least this many."""
+    max_shards: int = Field(default=8, ge=1, le=256)
+    """Most shards one scan is split into."""
     result_cache_ttl: int = Field(default=0, ge=0)
     """Seconds a completed scan answers identical submissions (same key, target, ports and
     config) instead of a new scan; 0 disables the cache, ``force: true`` bypasses it."""

@@ -1,276 +1,45 @@
-"""The scan task: validate, re-check the target, scan, report, store, return."""
+"""The Celery tasks: a scan as the gateway published it, and the shards of a large one."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import ipaddress
 import logging
-import random
-import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any
 from uuid import UUID
 
-import asyncpg
 from celery import Celery, Task, states
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from shared.errors import InvalidScan, PermanentError
 from shared.ports import parse_port_spec
-from shared.protocol import MAX_DELIVERIES, SCAN_TASK, STORING
-from shared.resolve import resolve_target
-from shared.schemas import PortResult, ScanProgress, ScanResult, ScanTaskPayload
+from shared.protocol import MERGE_TASK, SCAN_TASK, SHARD_TASK, STORING
+from shared.schemas import ScanProgress, ScanResult, ScanTaskPayload
 from shared.settings import Settings
-from shared.store import ScanRow, ScanStore
-from shared.targets import parse_target
-from worker_service.fingerprint import ServiceInfo, identify, registered_name
+from shared.store import ScanRow
+from shared.targets import network_hosts, parse_target
 from worker_service.guard import GuardedRequest
-from worker_service.reporting import EventLog, ProgressReporter
+from worker_service.job import (
+    MAX_RETRIES,
+    TRANSIENT_ERRORS,
+    PoisonMessage,
+    ScanCancelled,
+    ScanJob,
+    ScanSkipped,
+    ShardScan,
+    retry_delay,
+)
 from worker_service.runtime import WorkerRuntime, get_runtime
-from worker_service.scanner import scan_host
+from worker_service.sharding import ShardProgress, dispatch, merge_shards, run_shard
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-MAX_RETRIES = 3
-IDENTIFY_CONCURRENCY = 64
-IDENTIFY_MIN_SECONDS = 1.0
-IDENTIFY_MAX_SECONDS = 3.0
-CANCEL_POLL_SECONDS = 0.5
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.InterfaceError,
-    ConnectionError,
-    TimeoutError,
-)
-
-
-def retry_delay(retries: int, *, base: float = 1.0, cap: float = 30.0) -> float:
-    """Exponential backoff with full jitter."""
-    return random.uniform(0, min(cap, base * 2**retries))
-
-
-class PoisonMessage(PermanentError):
-    """Delivered too often: each delivery ended with its worker gone."""
-
-    code = "poison_message"
-
-
-class ScanSkipped(Exception):
-    """The scan was cancelled or ended before this delivery; nothing to run."""
-
-
-class ScanCancelled(Exception):
-    def __init__(self, partial: ScanResult) -> None:
-        super().__init__("cancelled")
-        self.partial = partial
-
-
-class ScanJob:
-    """One delivery of a scan task on a worker process."""
-
-    def __init__(
-        self,
-        runtime: WorkerRuntime,
-        job: ScanTaskPayload,
-        task_id: str,
-        update_state: Callable[[ScanProgress], None],
-        publish_result: Callable[[ScanResult], None],
-    ) -> None:
-        self.runtime = runtime
-        self.settings = runtime.settings
-        self.job = job
-        self.events = EventLog(
-            runtime.redis(), self.settings.redis_prefix, task_id, self.settings.result_ttl
-        )
-        self.update_state = update_state
-        self.publish_result = publish_result
-        self.row: ScanRow | None = None
-
-    async def run(self) -> ScanResult:
-        store = await self._wait_for_database()
-        row = await self._with_db_retry(lambda: store.mark_running(self.job.scan_id))
-        if row is None:
-            raise InvalidScan(f"scan {self.job.scan_id} was never accepted by the gateway")
-        self.row = row
-        if row.attempts > MAX_DELIVERIES and row.state == "running":
-            raise PoisonMessage(
-                f"delivered {row.attempts - 1} times without finishing (each time its worker "
-                "was lost); moved to the dead-letter queue"
-            )
-        if row.state == "completed" and row.result is not None:
-            return row.result  # a redelivery of a scan that already finished
-        if row.state != "running":
-            raise ScanSkipped(row.state)
-        target = parse_target(self.job.target, max_hosts=self.settings.max_hosts)
-        addresses = await resolve_target(
-            target, self.runtime.policy, timeout=self.settings.resolve_timeout
-        )
-        if target.kind == "hostname":
-            addresses = addresses[:1]
-        scan = asyncio.ensure_future(self._scan(addresses))
-        watcher = asyncio.ensure_future(self._watch_cancel(store, scan))
-        try:
-            result = await scan
-        except asyncio.CancelledError:
-            if not watcher.done() or not watcher.result():
-                raise
-            raise ScanCancelled(self._partial) from None
-        finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-        await self._store_result(store, result)
-        return result
-
-    async def _wait_for_database(self) -> ScanStore:
-        return await self._with_db_retry(self.runtime.store)
-
-    async def _with_db_retry(self, action: Callable[[], Awaitable[T]]) -> T:
-        """Run a database call, retrying with backoff and jitter for ``db_retry_seconds``."""
-        deadline = time.monotonic() + self.settings.db_retry_seconds
-        attempt = 0
-        while True:
-            try:
-                return await action()
-            except TRANSIENT_ERRORS as exc:
-                attempt += 1
-                delay = retry_delay(attempt, base=0.5, cap=15.0)
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning(
-                    "scan %s: database unavailable (%r), retrying in %.1fs",
-                    self.job.scan_id,
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-
-    async def _store_result(self, store: ScanStore, result: ScanResult) -> None:
-        try:
-            await store.complete(result)
-        except TRANSIENT_ERRORS:
-            # Readable from Redis while PostgreSQL is away; the write keeps retrying.
-            self.publish_result(result)
-            await self._with_db_retry(lambda: store.complete(result))
-
-    async def _watch_cancel(self, store: ScanStore, scan: asyncio.Future[Any]) -> bool:
-        """Cancel the scan when its row asks for it; checked in PostgreSQL, so a cancel
-        reaches a scan even when it was requested before this worker started."""
-        while not scan.done():
-            await asyncio.sleep(CANCEL_POLL_SECONDS)
-            try:
-                if await store.cancel_requested(self.job.scan_id):
-                    scan.cancel()
-                    return True
-            except TRANSIENT_ERRORS as exc:
-                log.warning("scan %s: cancel check failed: %r", self.job.scan_id, exc)
-        return False
-
-    async def _scan(self, addresses: list[str]) -> ScanResult:
-        ports = parse_port_spec(self.job.ports)
-        self.started = datetime.now(UTC)
-        self.clock = time.monotonic()
-        self.addresses = addresses
-        self.reporter = ProgressReporter(
-            self.events, self.update_state, len(ports) * len(addresses)
-        )
-        self.open: list[PortResult] = []
-        self.closed = self.filtered = 0
-        for address in addresses:
-            self.reporter.start_host(address)
-            outcomes = await scan_host(
-                address,
-                ports,
-                timeout=self.job.config.timeout,
-                concurrency=self.job.config.max_concurrent,
-                on_progress=self.reporter,
-            )
-            self.reporter.finish_host(len(outcomes))
-            open_ports = [o for o in outcomes if o.state == "open"]
-            services = await self._identify(address, [o.port for o in open_ports])
-            for outcome in open_ports:
-                info = services.get(outcome.port)
-                self.open.append(
-                    PortResult(
-                        port=outcome.port,
-                        state="open",
-                        reason=outcome.reason,
-                        address=address,
-                        service=info.service if info else registered_name(outcome.port),
-                        banner=info.banner if info else None,
-                        product=info.product if info else None,
-                        version=info.version if info else None,
-                    )
-                )
-            for outcome in outcomes:
-                if outcome.state == "open":
-                    continue
-                if outcome.state == "closed":
-                    self.closed += 1
-                else:
-                    self.filtered += 1
-        return self._result("completed", self.reporter.total)
-
-    async def _identify(self, address: str, ports: list[int]) -> dict[int, ServiceInfo]:
-        """Service identification on open ports only, after discovery, bounded in time."""
-        if not ports or not self.job.config.service_detection:
-            return {}
-        self.reporter.announce(f"Identifying services on {len(ports)} open ports", "services")
-        timeout = max(IDENTIFY_MIN_SECONDS, min(IDENTIFY_MAX_SECONDS, 2 * self.job.config.timeout))
-        gate = asyncio.Semaphore(IDENTIFY_CONCURRENCY)
-
-        async def one(port: int) -> ServiceInfo:
-            async with gate:
-                return await identify(address, port, timeout=timeout)
-
-        infos = await asyncio.gather(*(one(port) for port in ports))
-        return dict(zip(ports, infos, strict=True))
-
-    @property
-    def _partial(self) -> ScanResult:
-        seen = {(p.address, p.port) for p in self.open}
-        extra = [
-            PortResult(port=port, state="open", address=address, service=registered_name(port))
-            for address, port in self.reporter.open_ports
-            if (address, port) not in seen
-        ]
-        self.open.extend(extra)
-        return self._result("revoked", self.reporter.base)
-
-    def _result(self, status: Literal["completed", "revoked"], scanned: int) -> ScanResult:
-        return ScanResult(
-            scan_id=self.job.scan_id,
-            target=self.job.target,
-            addresses=self.addresses,
-            ports=self.job.ports,
-            total_ports_scanned=scanned,
-            open_ports=sorted(self.open, key=lambda p: (p.address or "", p.port)),
-            closed_ports=self.closed,
-            filtered_ports=self.filtered,
-            status=status,
-            progress=100 if status == "completed" else self.reporter.last_percent,
-            started_at=self.started,
-            finished_at=datetime.now(UTC),
-            duration_seconds=round(time.monotonic() - self.clock, 6),
-        )
-
-    async def with_db(self, write: Callable[[ScanStore], Awaitable[None]]) -> None:
-        """A final write to PostgreSQL, retried while the database is away."""
-        store = await self._wait_for_database()
-        await self._with_db_retry(lambda: write(store))
-
-    def finish(self, state: str) -> None:
-        """Tell stream readers the scan ended and give the key its active slot back."""
-        self.events.write(("end", {"state": state}))
-        self.events.release(self.row.api_key_id if self.row is not None else None)
 
 
 def register_tasks(app: Celery) -> None:
     settings: Settings = app.conf.cybersec_settings
+    register_shard_tasks(app)
 
     @app.task(name=SCAN_TASK, bind=True, max_retries=MAX_RETRIES, Request=GuardedRequest)
     def scan(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
@@ -303,6 +72,17 @@ def register_tasks(app: Celery) -> None:
             reason = f"time limit exceeded ({limits[1]} s)"
             _end_failed(runtime, run, reason)
             raise InvalidScan(reason) from None
+        except ShardScan as sharded:
+            started = datetime.now(UTC)
+            if dispatch(app, job, str(self.request.id), sharded.addresses, sharded.plan, started):
+                update_state(
+                    ScanProgress(
+                        status=f"Scanning in {len(sharded.plan)} shards",
+                        progress=0,
+                        total_ports=sum(len(a) * len(p) for a, p in sharded.plan),
+                    )
+                )
+            raise Ignore() from None
         except ScanSkipped:
             run.finish(states.REVOKED)
             raise Ignore() from None
@@ -326,6 +106,96 @@ def register_tasks(app: Celery) -> None:
             raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
         run.finish(states.SUCCESS)
         return result.model_dump(mode="json")
+
+
+def register_shard_tasks(app: Celery) -> None:
+    settings: Settings = app.conf.cybersec_settings
+
+    @app.task(name=SHARD_TASK, bind=True, max_retries=MAX_RETRIES, Request=GuardedRequest)
+    def scan_shard(
+        self: Task[Any, Any],
+        payload: dict[str, Any],
+        parent_task_id: str,
+        index: int,
+        addresses: list[str],
+        ports: str,
+    ) -> dict[str, Any]:
+        """Never raises for the scan's sake: an error is returned for the merge to report."""
+        job = ScanTaskPayload.model_validate(payload)
+        runtime = get_runtime(settings)
+        port_list = parse_port_spec(ports)
+        total = len(parse_port_spec(job.ports)) * _address_count(job, addresses)
+
+        def update_parent(progress: ScanProgress) -> None:
+            self.update_state(
+                task_id=parent_task_id, state="PROGRESS", meta=progress.model_dump(mode="json")
+            )
+
+        progress = ShardProgress(runtime, parent_task_id, index, total, update_parent)
+        try:
+            return runtime.run(run_shard(runtime, job, addresses, port_list, progress))
+        except SoftTimeLimitExceeded:
+            runtime.cancel_pending()
+            return {
+                "error": "a shard exceeded its time limit",
+                "open": [],
+                "closed": 0,
+                "filtered": 0,
+                "scanned": 0,
+            }
+        except TRANSIENT_ERRORS as exc:
+            if self.request.retries >= MAX_RETRIES:
+                return {
+                    "error": f"a shard gave up after {MAX_RETRIES} retries: {exc!r}",
+                    "open": [],
+                    "closed": 0,
+                    "filtered": 0,
+                    "scanned": 0,
+                }
+            raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
+
+    @app.task(name=MERGE_TASK, bind=True, max_retries=MAX_RETRIES, ignore_result=True)
+    def scan_merge(
+        self: Task[Any, Any],
+        shards: list[dict[str, Any]],
+        payload: dict[str, Any],
+        parent_task_id: str,
+        addresses: list[str],
+        started: str,
+    ) -> None:
+        job = ScanTaskPayload.model_validate(payload)
+        runtime = get_runtime(settings)
+        run = ScanJob(runtime, job, parent_task_id, lambda _p: None, lambda _r: None)
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            run.row = runtime.run(_row(runtime, job.scan_id))
+        errors = sorted({shard["error"] for shard in shards if shard.get("error")})
+        if errors:
+            _end_failed(runtime, run, "; ".join(errors))
+            self.backend.mark_as_failure(parent_task_id, InvalidScan("; ".join(errors)))
+            return
+        result = runtime.run(merge_shards(job, shards, addresses, datetime.fromisoformat(started)))
+        if result.status == "revoked":
+            runtime.run(run.with_db(lambda store: store.revoke(result)))
+            self.backend.store_result(
+                parent_task_id, result.model_dump(mode="json"), states.REVOKED
+            )
+            run.finish(states.REVOKED)
+            return
+        runtime.run(run.with_db(lambda store: store.complete(result)))
+        self.backend.store_result(parent_task_id, result.model_dump(mode="json"), states.SUCCESS)
+        run.finish(states.SUCCESS)
+
+
+def _address_count(job: ScanTaskPayload, shard_addresses: list[str]) -> int:
+    target = parse_target(job.target, max_hosts=65_536)
+    if target.kind == "network":
+        return len(network_hosts(ipaddress.ip_network(target.value)))
+    return len(shard_addresses)
+
+
+async def _row(runtime: WorkerRuntime, scan_id: UUID) -> ScanRow | None:
+    store = await runtime.store()
+    return await store.get(scan_id)
 
 
 async def _fail_task(runtime: WorkerRuntime, task_id: UUID, reason: str) -> None:

@@ -1,0 +1,114 @@
+"""A large scan runs as shards on several worker processes under one task id."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+
+from shared.settings import Settings
+from shared.store import ScanStore
+from tests.conftest import auth, base_url, delete_queues, start_api, start_worker, variant
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def sharding_api(settings: Settings, run_dir: Path, database: str) -> Iterator[str]:
+    sharded = variant(settings, "shards", run_dir, shard_min_ports=40, max_shards=5)
+    api = start_api(sharded, run_dir / "api-shards.log")
+    worker = start_worker(sharded, run_dir / "worker-shards.log", concurrency=2)
+    try:
+        yield base_url(sharded)
+    finally:
+        worker.stop()
+        api.stop()
+        asyncio.run(delete_queues(sharded))
+
+
+def follow(client: httpx.Client, task_id: str, timeout: float = 60) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body: dict[str, Any] = client.get(f"/api/scan/{task_id}").json()
+        if not seen or seen[-1] != body:
+            seen.append(body)
+        if body["state"] in ("SUCCESS", "FAILURE", "REVOKED"):
+            return seen
+        time.sleep(0.05)
+    pytest.fail(f"{task_id} did not finish: {seen[-1:]}")
+
+
+def follow_sync(url: str, key: str, task_id: str) -> list[dict[str, Any]]:
+    with httpx.Client(base_url=url, headers=auth(key), timeout=10) as client:
+        return follow(client, task_id)
+
+
+async def test_sharded_scan_has_one_task_combined_progress_and_one_result(
+    sharding_api: str, api_key: str, listeners: list[int], silent_port: int, store: ScanStore
+) -> None:
+    low = min(listeners) - 60
+    spec = f"{low}-{low + 199},{silent_port}"
+    total = len({*range(low, low + 200), silent_port})
+    async with httpx.AsyncClient(
+        base_url=sharding_api, headers=auth(api_key), timeout=10
+    ) as client:
+        response = await client.post(
+            "/api/scan",
+            json={
+                "target": "127.0.0.1",
+                "ports": spec,
+                "config": {"timeout": 2.0, "service_detection": False},
+            },
+        )
+        assert response.status_code == 202
+        task_id = response.json()["task_id"]
+        states = await asyncio.to_thread(follow_sync, sharding_api, api_key, task_id)
+        events = (await client.get(f"/api/scan/{task_id}/events", timeout=30)).text
+    final = states[-1]
+    assert final["state"] == "SUCCESS", final
+    result = final["result"]
+    assert result["shards"] == 5
+    assert result["total_ports_scanned"] == total
+    assert [p["port"] for p in result["open_ports"]] == listeners
+    assert result["filtered_ports"] == 1
+    shard_progress = [s for s in states if s["state"] == "PROGRESS"]
+    assert shard_progress, [s["state"] for s in states]
+    assert all(s["total_ports"] == total for s in shard_progress if "total_ports" in s)
+    assert events.count("event: end") == 1
+    row = await store.get(UUID(final["scan_id"]))
+    assert row is not None
+    assert row.state == "completed"
+    assert row.result is not None
+    assert row.result.shards == 5
+
+
+def test_sharded_scan_can_be_cancelled(
+    sharding_api: str, api_key: str, listeners: list[int], silent_port: int
+) -> None:
+    low = min(listeners) - 60
+    with httpx.Client(base_url=sharding_api, headers=auth(api_key), timeout=10) as client:
+        task_id = client.post(
+            "/api/scan",
+            json={
+                "target": "127.0.0.1",
+                "ports": f"{low}-{low + 199},{silent_port}",
+                "config": {"timeout": 20.0, "service_detection": False},
+            },
+        ).json()["task_id"]
+        deadline = time.monotonic() + 20
+        while client.get(f"/api/scan/{task_id}").json()["state"] != "PROGRESS":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        asked = time.monotonic()
+        assert client.delete(f"/api/scan/{task_id}").status_code == 202
+        final = follow(client, task_id, timeout=20)[-1]
+    assert final["state"] == "REVOKED"
+    assert time.monotonic() - asked < 10
+    assert final["result"]["status"] == "revoked"
