@@ -9,11 +9,13 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from api_service.auth import Authenticator
 from api_service.errors import EXCEPTION_HANDLERS
 from api_service.events import EventWriter
 from api_service.limits import Limiter
+from api_service.metrics import ApiMetrics, MeteredPublisher, MetricsMiddleware
 from api_service.publisher import AmqpPublisher, TaskPublisher
 from api_service.routes import routes
 from api_service.status import StatusReader
@@ -50,6 +52,8 @@ async def register_env_keys(keys: KeyStore, settings: Settings) -> None:
 
 
 def create_app(settings: Settings) -> Starlette:
+    metrics = ApiMetrics()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, max_size=settings.db_pool_size)
@@ -67,7 +71,7 @@ def create_app(settings: Settings) -> Starlette:
             keys=keys,
             auth=Authenticator(keys),
             redis=redis,
-            publisher=publisher,
+            publisher=MeteredPublisher(publisher, metrics),
             status=StatusReader(store, redis, settings.redis_prefix),
             limiter=Limiter(
                 redis,
@@ -85,8 +89,11 @@ def create_app(settings: Settings) -> Starlette:
             await redis.aclose()
             await pool.close()
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
     )
+    app.state.metrics = metrics
+    return app

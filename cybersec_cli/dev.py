@@ -107,6 +107,7 @@ def dev_environment() -> str:
     restarts keep working with the same key. Scans of 127.0.0.0/8 and ::1 are allowed.
     """
     os.environ.setdefault(f"{ENV_PREFIX}TARGET_ALLOW", "127.0.0.0/8,::1")
+    os.environ.setdefault(f"{ENV_PREFIX}LOG_FORMAT", "text")
     configured = os.environ.get(f"{ENV_PREFIX}API_KEYS", "").strip()
     if configured:
         return configured.split(",")[0].strip()

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
+from api_service import metrics
 from api_service.routes import docs, probes, results, scans
 
-routes: list[BaseRoute] = [*scans.routes, *results.routes, *probes.routes, *docs.routes]
+routes: list[BaseRoute] = [
+    *scans.routes,
+    *results.routes,
+    *probes.routes,
+    *docs.routes,
+    *metrics.routes,
+]

@@ -9,6 +9,7 @@ import asyncpg
 from starlette.requests import Request
 
 from api_service.errors import ApiError
+from shared.logging import bind_scan
 
 if TYPE_CHECKING:
     from api_service.app import Services
@@ -29,9 +30,11 @@ async def caller(request: Request) -> UUID:
 def task_id_param(request: Request) -> UUID:
     raw = request.path_params["task_id"]
     try:
-        return UUID(raw)
+        task_id = UUID(raw)
     except ValueError:
         raise ApiError(404, f"no scan with task id {raw}") from None
+    bind_scan(task_id=task_id)
+    return task_id
 
 
 def db_unavailable() -> ApiError:

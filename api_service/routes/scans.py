@@ -26,6 +26,7 @@ from api_service.routes.common import (
     task_id_param,
 )
 from shared.errors import ResolutionFailed, TargetDenied
+from shared.logging import bind_scan
 from shared.protocol import build_scan_message, time_limits
 from shared.redis_keys import events_key
 from shared.resolve import resolve_target
@@ -107,6 +108,7 @@ async def submit_scan(request: Request) -> Response:
         raise ApiError(422, str(exc), code="unresolvable_target", field="target") from None
 
     scan_id, task_id = uuid4(), uuid4()
+    bind_scan(scan_id=scan_id, task_id=task_id)
     payload = ScanTaskPayload(
         scan_id=scan_id,
         target=scan.target,
