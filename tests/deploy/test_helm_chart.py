@@ -161,6 +161,7 @@ def test_chart_ships_the_values_examples() -> None:
         "no-keda-values.yaml",
         "ingress-tls-values.yaml",
         "existing-secret-values.yaml",
+        "readme-example-values.yaml",
     }
 
 
