@@ -38,7 +38,7 @@ from celery.signals import (
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from shared.protocol import SCAN_TASK
+from shared.protocol import MERGE_TASK, SCAN_TASK
 from shared.settings import Settings
 from shared.store import ScanRow
 from worker_service.runtime import get_runtime
@@ -46,7 +46,10 @@ from worker_service.runtime import get_runtime
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-OUTCOMES = ("success", "failure", "revoked", "retry")
+OUTCOMES = ("success", "failure", "revoked", "retry", "sharded")
+OUTCOME_ATTRIBUTE = "cybersec_outcome"
+"""Set on a task's request by the task itself when its Celery state does not tell the outcome
+(a scan handed to shards ends its run with Ignore, like a cancelled one)."""
 _STATE_OUTCOMES = {
     "SUCCESS": "success",
     "FAILURE": "failure",
@@ -118,12 +121,15 @@ class TaskHooks:
         self.running: dict[str, _Running] = {}
 
     def _ours(self, task: Any) -> bool:
-        return getattr(task, "name", None) == SCAN_TASK and getattr(task, "app", None) is self.app
+        # A sharded scan starts as SCAN_TASK (outcome "sharded") and ends in MERGE_TASK.
+        name = getattr(task, "name", None)
+        return name in (SCAN_TASK, MERGE_TASK) and getattr(task, "app", None) is self.app
 
     def prerun(self, task_id: str, task: Any, args: Any = (), **_: Any) -> None:
         if not self._ours(task):
             return
-        self.metrics.started.inc()
+        if getattr(task, "name", None) == SCAN_TASK:
+            self.metrics.started.inc()
         self.running[task_id] = _Running(_scan_id(args), time.monotonic())
 
     def postrun(
@@ -132,7 +138,10 @@ class TaskHooks:
         run = self.running.pop(task_id, None)
         if run is None or not self._ours(task):
             return
-        outcome = _STATE_OUTCOMES.get(str(state), "failure")
+        request = getattr(task, "request", None)
+        outcome = getattr(request, OUTCOME_ATTRIBUTE, None) or _STATE_OUTCOMES.get(
+            str(state), "failure"
+        )
         self.metrics.finished.labels(outcome).inc()
         self.metrics.duration.labels(outcome).observe(time.monotonic() - run.start)
         if outcome == "success" and isinstance(retval, dict):

@@ -31,6 +31,7 @@ from worker_service.job import (
     ShardScan,
     retry_delay,
 )
+from worker_service.metrics import OUTCOME_ATTRIBUTE
 from worker_service.runtime import WorkerRuntime, get_runtime
 from worker_service.sharding import ShardProgress, dispatch, merge_shards, run_shard
 
@@ -82,6 +83,7 @@ def register_tasks(app: Celery) -> None:
                         total_ports=sum(len(a) * len(p) for a, p in sharded.plan),
                     )
                 )
+            setattr(self.request, OUTCOME_ATTRIBUTE, "sharded")
             raise Ignore() from None
         except ScanSkipped:
             run.finish(states.REVOKED)
@@ -172,6 +174,7 @@ def register_shard_tasks(app: Celery) -> None:
         if errors:
             _end_failed(runtime, run, "; ".join(errors))
             self.backend.mark_as_failure(parent_task_id, InvalidScan("; ".join(errors)))
+            setattr(self.request, OUTCOME_ATTRIBUTE, "failure")
             return
         result = runtime.run(merge_shards(job, shards, addresses, datetime.fromisoformat(started)))
         if result.status == "revoked":
@@ -180,6 +183,7 @@ def register_shard_tasks(app: Celery) -> None:
                 parent_task_id, result.model_dump(mode="json"), states.REVOKED
             )
             run.finish(states.REVOKED)
+            setattr(self.request, OUTCOME_ATTRIBUTE, "revoked")
             return
         runtime.run(run.with_db(lambda store: store.complete(result)))
         self.backend.store_result(parent_task_id, result.model_dump(mode="json"), states.SUCCESS)
