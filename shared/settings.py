@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     """Scan submissions one API key may make per minute."""
     max_active_scans: int = Field(default=10, ge=1)
     """Scans one API key may have queued or running at once."""
-    max_scan_seconds: int = Field(default=1500, ge=60)
+    max_scan_seconds: int = Field(default=1500, ge=5)
     """Soft time limit cap of one scan task; the hard limit is 30 s more. Keep the hard limit
     below RabbitMQ's consumer_timeout (30 min by default), which would otherwise close the
     channel of a worker still holding the unacknowledged message."""
