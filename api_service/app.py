@@ -87,6 +87,7 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             await publisher.close()
             await redis.aclose()
+            await store.close()
             await pool.close()
 
     app = Starlette(

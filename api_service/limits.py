@@ -1,15 +1,21 @@
-"""Per-key limits, checked and counted atomically in Redis by one Lua script."""
+"""Per-key limits, checked and counted atomically in Redis by one Lua script.
+
+Each submission runs the script once (EVALSHA, so atomic per submission); the calls of
+concurrent submissions share one pipelined round trip, each reading its own verdict.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 from uuid import UUID
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from api_service.errors import ApiError
+from shared.batching import Batcher
 from shared.redis_keys import active_key, rate_key
 
 log = logging.getLogger(__name__)
@@ -40,7 +46,26 @@ class Limiter:
         self.prefix = prefix
         self.per_minute = per_minute
         self.max_active = max_active
-        self._admit = redis.register_script(_ADMIT)
+        self._sha = redis.register_script(_ADMIT).sha
+        self._batch: Batcher[list[Any], Any] = Batcher(self._run_many)
+
+    async def _run_many(self, calls: list[list[Any]]) -> list[Any]:
+        """One EVALSHA per call in one pipeline; exceptions come back in place of verdicts."""
+        outcomes = await self._evalsha(calls)
+        missing = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, NoScriptError)]
+        if missing:  # Redis restarted or flushed its script cache: none of these ran
+            await self.redis.script_load(_ADMIT)
+            retried = await self._evalsha([calls[i] for i in missing])
+            for index, outcome in zip(missing, retried, strict=True):
+                outcomes[index] = outcome
+        return outcomes
+
+    async def _evalsha(self, calls: list[list[Any]]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(self._sha, 2, *call)
+            outcomes: list[Any] = await pipe.execute(raise_on_error=False)
+        return outcomes
 
     async def admit(self, owner: UUID, task_id: UUID, deadline_seconds: int) -> None:
         """Count a submission; raise 429 when the key is over either limit.
@@ -51,16 +76,17 @@ class Limiter:
         now = time.time()
         window = int(now // 60)
         try:
-            verdict, retry = await self._admit(
-                keys=[rate_key(self.prefix, owner, window), active_key(self.prefix, owner)],
-                args=[
+            verdict, retry = await self._batch.submit(
+                [
+                    rate_key(self.prefix, owner, window),
+                    active_key(self.prefix, owner),
                     now,
                     self.per_minute,
                     self.max_active,
                     str(task_id),
                     now + deadline_seconds,
                     61 - int(now % 60),
-                ],
+                ]
             )
         except (RedisError, OSError) as exc:
             log.warning("rate limiter unavailable, admitting: %r", exc)

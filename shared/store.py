@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
 import orjson
 
+from shared.batching import Batcher
 from shared.schemas import Priority, ScanConfig, ScanResult, ScanState
 
 
@@ -65,11 +67,55 @@ async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
     )
 
 
+async def _reset_connection(conn: asyncpg.Connection[Any]) -> None:
+    """Nothing beyond what asyncpg always does on release (roll back an open transaction,
+    drop listener callbacks). Its default reset query (advisory unlock, CLOSE ALL, UNLISTEN,
+    RESET ALL) costs a round trip per query, and no code on a pool connection takes advisory
+    locks, keeps cursors outside a transaction, LISTENs, or SETs session state."""
+
+
 async def create_pool(dsn: str, *, max_size: int = 10) -> asyncpg.Pool[Any]:
     pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=max_size, init=_init_connection, command_timeout=10
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        init=_init_connection,
+        reset=_reset_connection,
+        command_timeout=10,
     )
     return pool
+
+
+_INSERT_ONE = (
+    "INSERT INTO scans (id, task_id, target, ports, config, priority, api_key_id,"
+    " idempotency_key, request_hash, cache_key)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    " ON CONFLICT (api_key_id, idempotency_key) WHERE idempotency_key IS NOT NULL"
+    " DO NOTHING RETURNING *"
+)
+_INSERT_MANY = (
+    "INSERT INTO scans (id, task_id, target, ports, config, priority, api_key_id,"
+    " idempotency_key, request_hash, cache_key)"
+    " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[],"
+    " $6::text[], $7::uuid[], $8::text[], $9::bytea[], $10::bytea[])"
+    " ON CONFLICT (api_key_id, idempotency_key) WHERE idempotency_key IS NOT NULL"
+    " DO NOTHING RETURNING *"
+)
+_ROW_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
+"""Errors one row of a batch can cause; the batch is then retried row by row."""
+
+
+class _NewScan(NamedTuple):
+    id: UUID
+    task_id: UUID
+    target: str
+    ports: str
+    config: dict[str, Any]
+    priority: Priority
+    api_key_id: UUID | None
+    idempotency_key: str | None
+    request_hash: bytes | None
+    cache_key: bytes | None
 
 
 class ScanStore:
@@ -78,6 +124,11 @@ class ScanStore:
 
     def __init__(self, pool: asyncpg.Pool[Any]) -> None:
         self.pool = pool
+        self._inserts: Batcher[_NewScan, ScanRow | None] = Batcher(self._insert_many)
+
+    async def close(self) -> None:
+        """Finish the inserts in flight; call before closing the pool."""
+        await self._inserts.close()
 
     async def insert(
         self,
@@ -93,25 +144,47 @@ class ScanStore:
         request_hash: bytes | None = None,
         cache_key: bytes | None = None,
     ) -> ScanRow | None:
-        """Insert a queued scan; None when the owner already used this idempotency key."""
-        record = await self.pool.fetchrow(
-            "INSERT INTO scans (id, task_id, target, ports, config, priority, api_key_id,"
-            " idempotency_key, request_hash, cache_key)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-            " ON CONFLICT (api_key_id, idempotency_key) WHERE idempotency_key IS NOT NULL"
-            " DO NOTHING RETURNING *",
-            scan_id,
-            task_id,
-            target,
-            ports,
-            config.model_dump(mode="json"),
-            priority,
-            owner,
-            idempotency_key,
-            request_hash,
-            cache_key,
+        """Insert a queued scan; None when the owner already used this idempotency key.
+
+        Concurrent inserts share one statement (see ``shared.batching``); each caller gets its
+        own row, or its own error."""
+        return await self._inserts.submit(
+            _NewScan(
+                scan_id,
+                task_id,
+                target,
+                ports,
+                config.model_dump(mode="json"),
+                priority,
+                owner,
+                idempotency_key,
+                request_hash,
+                cache_key,
+            )
         )
+
+    async def _insert_one(self, scan: _NewScan) -> ScanRow | None:
+        record = await self.pool.fetchrow(_INSERT_ONE, *scan)
         return ScanRow.from_record(record) if record is not None else None
+
+    async def _insert_many(self, scans: list[_NewScan]) -> Sequence[ScanRow | Exception | None]:
+        if len(scans) == 1:
+            return [await self._insert_one(scans[0])]
+        try:
+            columns = [list(column) for column in zip(*scans, strict=True)]
+            records = await self.pool.fetch(_INSERT_MANY, *columns)
+        except _ROW_ERRORS:
+            return [await self._insert_alone(scan) for scan in scans]
+        # A row skipped on an idempotency conflict (with an earlier scan, or another row of
+        # this batch) is not returned: its caller gets None, as from a single insert.
+        rows = {record["id"]: record for record in records}
+        return [ScanRow.from_record(rows[scan.id]) if scan.id in rows else None for scan in scans]
+
+    async def _insert_alone(self, scan: _NewScan) -> ScanRow | Exception | None:
+        try:
+            return await self._insert_one(scan)
+        except _ROW_ERRORS as exc:
+            return exc
 
     async def cached(self, owner: UUID, cache_key: bytes, max_age: int) -> ScanRow | None:
         """The owner's newest completed scan with this cache key, finished within max_age s."""

@@ -8,6 +8,7 @@ pure functions of the bytes received, tested without a network.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import socket
 import ssl
@@ -298,8 +299,10 @@ async def _exchange(
     return tuple(answers)
 
 
+@functools.cache
 def _tls_context() -> ssl.SSLContext:
-    # Identification, not trust: any certificate is accepted and then reported.
+    # Identification, not trust: any certificate is accepted and then reported. One context per
+    # process: building one loads the default ciphers and costs more than the handshake.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -355,6 +358,33 @@ async def _quiet(probe: Probe, address: str, port: int, wait: float) -> ServiceI
     return None
 
 
+async def _greeting(address: str, port: int, wait: float) -> tuple[bytes, bool]:
+    """What the service says before we do, and whether it then closed the connection."""
+    async with asyncio.timeout(wait):
+        reader, writer = await asyncio.open_connection(address, port, limit=_READ_LIMIT)
+    data = b""
+    closed = False
+    try:
+        with suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                while len(data) < _READ_LIMIT:
+                    chunk = await reader.read(_READ_LIMIT - len(data))
+                    if not chunk:
+                        closed = True
+                        break
+                    data += chunk
+    finally:
+        writer.close()
+        with suppress(OSError):
+            await writer.wait_closed()
+    return data, closed
+
+
+TCPWRAPPED: Final = "tcpwrapped"
+"""nmap -sV's name for a port that accepts, then closes before saying or hearing anything (TCP
+wrappers, a proxy with no backend): nothing behind it can be identified, so nothing is probed."""
+
+
 async def identify(address: str, port: int, *, timeout: float) -> ServiceInfo:
     """Name the service on an open port within ``timeout`` seconds (never raises for the
     target's behaviour; falls back to the registered name for the port)."""
@@ -365,7 +395,9 @@ async def identify(address: str, port: int, *, timeout: float) -> ServiceInfo:
         async with asyncio.timeout(timeout):
             wait = min(_BANNER_WAIT, timeout / 3)
             with suppress(OSError, TimeoutError):
-                (greeting,) = await _exchange(address, port, (b"",), wait)
+                greeting, closed = await _greeting(address, port, wait)
+                if closed and not greeting:
+                    return ServiceInfo(TCPWRAPPED)
                 if greeting:
                     banner = _text(greeting)[:256]
                     found = parse_greeting(greeting, hint)

@@ -32,17 +32,23 @@ class EventLog:
         self.task_id = task_id
         self.ttl = ttl
         self.down_until = 0.0
+        self._held: list[tuple[EventKind, object]] = []
 
     @property
     def available(self) -> bool:
         return time.monotonic() >= self.down_until
 
+    def hold(self, *events: tuple[EventKind, object]) -> None:
+        """Queue events to go out ahead of the next write (a scan always writes its ``end``)."""
+        self._held.extend(events)
+
     def write(self, *events: tuple[EventKind, object]) -> bool:
         if not self.available:
             return False
+        batch = (*self._held, *events)
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                for kind, data in events:
+                for kind, data in batch:
                     pipe.xadd(self.key, encode_event(kind, data), maxlen=STREAM_MAXLEN)  # type: ignore[arg-type]
                 pipe.expire(self.key, self.ttl)
                 pipe.execute()
@@ -50,6 +56,7 @@ class EventLog:
             log.warning("scan %s: progress not written, Redis unavailable: %r", self.task_id, exc)
             self.down_until = time.monotonic() + REDIS_BACKOFF
             return False
+        self._held.clear()
         return True
 
     def release(self, owner: Any) -> None:
@@ -63,7 +70,12 @@ class EventLog:
 
 
 class ProgressReporter:
-    """Turns engine events into PROGRESS states and stream events, a few per second at most."""
+    """Turns engine events into PROGRESS states and stream events, a few per second at most.
+
+    Nothing is reported in the first ``PROGRESS_INTERVAL``, tier changes included: a scan that
+    ends by then costs no PROGRESS write at all. Open ports found meanwhile still get their
+    ``port`` events, sent with the next write (at the latest with the scan's ``end``).
+    """
 
     def __init__(
         self, events: EventLog, update_state: Callable[[ScanProgress], None], total: int
@@ -71,7 +83,7 @@ class ProgressReporter:
         self.events = events
         self.update_state = update_state
         self.total = total
-        self.last_sent = 0.0
+        self.started = self.last_sent = time.monotonic()
         self.last_tier: str | None = None
         self.base = 0
         self.last_percent = 0
@@ -85,44 +97,58 @@ class ProgressReporter:
     def finish_host(self, ports_scanned: int) -> None:
         self.base += ports_scanned
 
-    def announce(self, status: str, tier: str) -> None:
-        """A progress update outside port sweeping, such as service identification."""
-        self.last_tier = tier
-        self.last_sent = time.monotonic()
-        progress = ScanProgress(
-            status=status,
-            progress=self.last_percent,
-            tier=tier,
-            ports_scanned=self.base,
-            total_ports=self.total,
-            open_ports=[port for _, port in self.open_ports],
-        )
+    def _quiet(self, now: float) -> bool:
+        return now - self.started < PROGRESS_INTERVAL
+
+    def _hold_fresh_ports(self) -> None:
+        fresh = self.open_ports[self._announced :]
+        self.events.hold(*(("port", {"port": p, "address": a, "state": "open"}) for a, p in fresh))
+        self._announced = len(self.open_ports)
+
+    def _send(self, progress: ScanProgress) -> None:
         if self.events.write(("progress", progress.model_dump(mode="json"))):
             self.update_state(progress)
+
+    def announce(self, status: str, tier: str) -> None:
+        """A progress update outside port sweeping, such as service identification."""
+        now = time.monotonic()
+        self.last_tier = tier
+        self._hold_fresh_ports()
+        if self._quiet(now):
+            return
+        self.last_sent = now
+        self._send(
+            ScanProgress(
+                status=status,
+                progress=self.last_percent,
+                tier=tier,
+                ports_scanned=self.base,
+                total_ports=self.total,
+                open_ports=[port for _, port in self.open_ports],
+            )
+        )
 
     def __call__(self, event: ScanProgressEvent) -> None:
         known = {port for addr, port in self.open_ports if addr == self.address}
         self.open_ports.extend((self.address, p) for p in event.open_ports if p not in known)
+        self._hold_fresh_ports()
         now = time.monotonic()
-        if event.tier == self.last_tier and now - self.last_sent < PROGRESS_INTERVAL:
+        if self._quiet(now) or (
+            event.tier == self.last_tier and now - self.last_sent < PROGRESS_INTERVAL
+        ):
+            self.last_tier = event.tier
             return
         self.last_tier = event.tier
         self.last_sent = now
         done = self.base + event.ports_scanned
         self.last_percent = min(99, done * 100 // self.total) if self.total else 0
-        progress = ScanProgress(
-            status=f"Scanning {event.tier} priority ports",
-            progress=self.last_percent,
-            tier=event.tier,
-            ports_scanned=done,
-            total_ports=self.total,
-            open_ports=[port for _, port in self.open_ports],
+        self._send(
+            ScanProgress(
+                status=f"Scanning {event.tier} priority ports",
+                progress=self.last_percent,
+                tier=event.tier,
+                ports_scanned=done,
+                total_ports=self.total,
+                open_ports=[port for _, port in self.open_ports],
+            )
         )
-        fresh = self.open_ports[self._announced :]
-        written = self.events.write(
-            *(("port", {"port": p, "address": a, "state": "open"}) for a, p in fresh),
-            ("progress", progress.model_dump(mode="json")),
-        )
-        if written:
-            self._announced = len(self.open_ports)
-            self.update_state(progress)
