@@ -36,7 +36,9 @@ IDENTIFY_MAX_SECONDS = 3.0
 CANCEL_POLL_SECONDS = 0.5
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
+    # A server shutting down or starting up: admin shutdown, crash, "cannot connect now".
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.TooManyConnectionsError,
     asyncpg.InterfaceError,
     ConnectionError,
     TimeoutError,
