@@ -6,6 +6,7 @@ carry one random id, so two runs never collide, and everything is removed at the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aio_pika
+import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
@@ -26,6 +28,11 @@ from shared.settings import ENV_PREFIX, Settings
 from shared.store import ScanStore, create_pool
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fault tests stop and restart the machine's services: run them after everything else."""
+    items[:] = sorted(items, key=lambda item: item.get_closest_marker("faults") is not None)
 
 
 def free_port() -> int:
@@ -104,17 +111,24 @@ async def database(settings: Settings) -> AsyncIterator[str]:
 async def store(database: str) -> AsyncIterator[ScanStore]:
     pool = await create_pool(database, max_size=4)
     yield ScanStore(pool)
-    await pool.close()
+    # The fault tests restart PostgreSQL, so the pool's connections may be gone by now.
+    try:
+        await asyncio.wait_for(pool.close(), timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        pool.terminate()
 
 
 @pytest.fixture(scope="session")
 async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(settings.redis_url)
     yield client
-    keys = [key async for key in client.scan_iter(match=f"{settings.redis_prefix}*", count=500)]
-    if keys:
-        await client.delete(*keys)
     await client.aclose()
+    # A fresh client: the fault tests restart Redis, which closes the one above.
+    cleanup = aioredis.Redis.from_url(settings.redis_url)
+    keys = [key async for key in cleanup.scan_iter(match=f"{settings.redis_prefix}*", count=500)]
+    if keys:
+        await cleanup.delete(*keys)
+    await cleanup.aclose()
 
 
 @pytest.fixture(scope="session")
