@@ -9,14 +9,12 @@ an executor thread; the event loop only receives throttled progress and the outc
 from __future__ import annotations
 
 import functools
-import ipaddress
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from resource import RLIMIT_NOFILE, getrlimit
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final, NamedTuple, cast
 
 from shared.ports import order_by_tier
 from worker_service import shards
@@ -32,19 +30,19 @@ PROGRESS_INTERVAL: Final = 0.25
 """Seconds between progress events within a tier; a full-range scan emits a handful, not 65k."""
 
 
-@dataclass(frozen=True, slots=True)
-class PortOutcome:
+# NamedTuples rather than dataclasses: importing dataclasses (and inspect with it) costs a
+# one-shot scan command more than sweeping a thousand loopback ports does.
+class PortOutcome(NamedTuple):
     port: int
     state: PortState
     reason: str
 
 
-@dataclass(slots=True)
-class ScanProgressEvent:
+class ScanProgressEvent(NamedTuple):
     tier: str
     ports_scanned: int
     total_ports: int
-    open_ports: list[int] = field(default_factory=list)
+    open_ports: list[int]
 
 
 ProgressCallback = Callable[[ScanProgressEvent], None]
@@ -110,6 +108,8 @@ def scan_blocking(
 
     A set ``stop`` ends the scan early (within ~0.1 s); the outcomes are then incomplete.
     """
+    import ipaddress  # here, not at import: a one-shot scan command pays for every module
+
     ipaddress.ip_address(address.partition("%")[0])  # hostnames are resolved by the caller
     tiers = order_by_tier(ports)
     total = sum(len(tier_ports) for _tier, tier_ports in tiers)

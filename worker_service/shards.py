@@ -10,18 +10,19 @@ standard library so a shard starts in ~10 ms and never forks a process that hold
 from __future__ import annotations
 
 import errno
-import json
 import os
 import select
-import selectors
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    import selectors
+    import subprocess
 
 Outcome = tuple[str, str]
 """(state, reason) of one port; state is one of shared.schemas.PortState."""
@@ -217,6 +218,8 @@ def _expand(runs: list[list[int]]) -> Iterator[int]:
 
 def parse_line(line: bytes) -> tuple[int, list[int]] | dict[int, Outcome]:
     """One shard output line: a progress tick or the final outcomes."""
+    import json  # lazily: a sweep that never shards need not import it
+
     kind, _, rest = line.rstrip(b"\n").partition(b" ")
     if kind == b"T":
         count, _, opened = rest.partition(b" ")
@@ -244,6 +247,12 @@ def sweep_sharded(
 ) -> dict[int, Outcome]:
     """``sweep`` split over ``shards`` processes, each taking a contiguous slice of the ports
     and an equal share of ``inflight``; same result, ticks forwarded from every shard."""
+    import json  # lazily: a sweep that never shards need not import it
+
+    # Imported here: a one-shot sweep that never shards should not pay for them.
+    import selectors
+    import subprocess
+
     size = -(-len(ports) // shards)
     chunks = [ports[i : i + size] for i in range(0, len(ports), size)]
     share = max(1, inflight // len(chunks))
@@ -286,6 +295,8 @@ def _collect(
     on_tick: Tick | None,
     stop: threading.Event | None,
 ) -> dict[int, Outcome]:
+    import selectors
+
     buffers: dict[int, bytearray] = {}
     for proc in procs:
         for pipe in (proc.stdout, proc.stderr):
@@ -329,6 +340,8 @@ def _collect(
 
 
 def _serve() -> None:
+    import json  # lazily: a sweep that never shards need not import it
+
     job = json.load(sys.stdin)
     out = sys.stdout
 
