@@ -577,25 +577,29 @@ async def bench_priority(bench: Bench) -> Table:
         finally:
             await bench.purge_scans()
             bench.stack.stop(worker)
-    worst = max(max(delays), max(db_delays))
+    # A scan that ends within the reporter's first 0.25 s writes no PROGRESS at all, so the
+    # start is the row's started_at, stamped by the worker as it takes the scan.
+    progress = [d for d in delays if not math.isnan(d)]
     table.goal(
-        "202 -> start (first PROGRESS), max",
-        ms(max(delays)),
+        "202 -> started_at in PostgreSQL, max",
+        ms(max(db_delays)),
         "",
         "",
         "<= 500 ms",
-        worst <= 0.5,
+        max(db_delays) <= 0.5,
     )
-    table.add("202 -> start (first PROGRESS), p50", ms(statistics.median(delays)))
+    table.add("202 -> started_at in PostgreSQL, p50", ms(statistics.median(db_delays)))
     table.add(
-        "202 -> started_at in PostgreSQL, p50 / max",
-        f"{ms(statistics.median(db_delays))} / {ms(max(db_delays))}",
+        "202 -> first PROGRESS, p50 / max",
+        f"{ms(statistics.median(progress))} / {ms(max(progress))}"
+        if progress
+        else "none: each scan ended within 0.25 s",
     )
     table.add("low scans still queued at each submit", f"{min(depths)}-{max(depths)}")
     table.notes += [
         f"{plan.criticals} critical 1000-port scans submitted over HTTP while low 1000-port "
         f"scans drained ({lows_done} of {plan.priority_lows} lows done by the end); worker "
-        "prefork 2, prefetch 1, late acks; the verdict takes the worse of both measures",
+        "prefork 2, prefetch 1, late acks",
     ]
     return table
 

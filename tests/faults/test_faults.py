@@ -498,3 +498,41 @@ def test_keys_while_the_database_is_away(stack: Stack, api_key: str) -> None:
         unknown = httpx.get(f"{url}/api/scans", headers=auth("x" * 40), timeout=10)
         assert unknown.status_code == 503
         assert unknown.headers["retry-after"]
+
+
+def test_api_sigterm_finishes_requests_and_closes_cleanly(
+    settings: Settings, run_dir: Path, api_key: str, database: str
+) -> None:
+    """SIGTERM on the gateway: requests in flight still get their answer, then it exits 0."""
+    import threading
+
+    own = variant(
+        settings, "api-stop", run_dir, rate_limit_per_minute=100_000, max_active_scans=100_000
+    )
+    api = start_api(own, run_dir / "api-stop.log")
+    answers: list[int] = []
+
+    def submit_many() -> None:
+        with httpx.Client(base_url=base_url(own), headers=auth(api_key), timeout=10) as client:
+            for _ in range(2000):
+                try:
+                    answers.append(
+                        client.post("/api/scan", json={"target": "127.0.0.1"}).status_code
+                    )
+                except httpx.TransportError:
+                    return  # the server stopped taking new connections: expected
+
+    sender = threading.Thread(target=submit_many)
+    sender.start()
+    time.sleep(0.3)
+    api.popen.send_signal(signal.SIGTERM)
+    code = api.popen.wait(own.shutdown_timeout + 10)
+    sender.join(30)
+    log = api.output()
+    api.stop()
+    asyncio.run(delete_queues(own))
+    # uvicorn re-raises the signal once it has shut down cleanly.
+    assert code in (0, -signal.SIGTERM), log[-2000:]
+    assert answers, "no request was answered before the stop"
+    assert set(answers) <= {202}, answers  # nothing cut off half-way: no 5xx
+    assert "Application shutdown complete" in log
