@@ -15,7 +15,9 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import asyncpg
@@ -245,6 +247,50 @@ def variant(settings: Settings, name: str, run_dir: Path, **changes: object) -> 
     }
     update.update(changes)
     return settings.model_copy(update=update)
+
+
+@contextmanager
+def own_stack(
+    settings: Settings,
+    run_dir: Path,
+    name: str,
+    *,
+    workers: int = 0,
+    wrap_api: list[str] | None = None,
+    wrap_worker: list[str] | None = None,
+    **changes: object,
+) -> Iterator[Settings]:
+    """A gateway (and ``workers`` worker processes, if any) of their own: same database, their
+    own queues, removed at the end."""
+    own = variant(settings, name, run_dir, **changes)
+    api = start_api(own, run_dir / f"api-{name}.log", wrap=wrap_api)
+    worker = None
+    try:
+        if workers:
+            worker = start_worker(
+                own, run_dir / f"worker-{name}.log", wrap=wrap_worker, concurrency=workers
+            )
+        yield own
+    finally:
+        if worker is not None:
+            worker.stop()
+        api.stop()
+        asyncio.run(delete_queues(own))
+
+
+FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
+
+
+def wait_final(client: httpx.Client, task_id: str, timeout: float = 30) -> dict[str, Any]:
+    """Poll a scan's status until it ends; fails the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        body = client.get(f"/api/scan/{task_id}").json()
+        if body.get("state") in FINAL_STATES:
+            return body
+        time.sleep(0.05)
+    pytest.fail(f"scan {task_id} did not end within {timeout}s: {body}")
 
 
 async def delete_queues(settings: Settings) -> None:

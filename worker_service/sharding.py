@@ -35,8 +35,12 @@ def dispatch(
     addresses: list[str],
     plan: list[Shard],
     started: datetime,
+    announce: Callable[[], None],
 ) -> bool:
-    """Publish the shards and their merge; False when an earlier delivery already did."""
+    """Publish the shards and their merge; False when an earlier delivery already did.
+
+    ``announce`` runs before anything is published, so the parent's PROGRESS can never land
+    after a fast merge has stored its SUCCESS."""
     settings = app.conf.cybersec_settings
     client = app.backend.client  # type: ignore[attr-defined]  # the Redis result backend
     with contextlib.suppress(RedisError, OSError):
@@ -65,6 +69,7 @@ def dispatch(
         priority=priority,
         queue=settings.scan_queue,
     )
+    announce()
     chord(header, app=app)(merge)
     return True
 

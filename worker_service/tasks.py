@@ -74,15 +74,19 @@ def register_tasks(app: Celery) -> None:
             _end_failed(runtime, run, reason)
             raise InvalidScan(reason) from None
         except ShardScan as sharded:
-            started = datetime.now(UTC)
-            if dispatch(app, job, str(self.request.id), sharded.addresses, sharded.plan, started):
+            plan = sharded.plan
+
+            def announce() -> None:
                 update_state(
                     ScanProgress(
-                        status=f"Scanning in {len(sharded.plan)} shards",
+                        status=f"Scanning in {len(plan)} shards",
                         progress=0,
-                        total_ports=sum(len(a) * len(p) for a, p in sharded.plan),
+                        total_ports=sum(len(a) * len(p) for a, p in plan),
                     )
                 )
+
+            started = datetime.now(UTC)
+            dispatch(app, job, str(self.request.id), sharded.addresses, plan, started, announce)
             setattr(self.request, OUTCOME_ATTRIBUTE, "sharded")
             raise Ignore() from None
         except ScanSkipped:

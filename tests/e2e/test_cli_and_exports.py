@@ -10,14 +10,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
-from typing import Any
 
 import httpx
 import pytest
 from libnmap.parser import NmapParser
 
-from tests.conftest import ROOT, Process
+from tests.conftest import ROOT, Process, wait_final
 
 pytestmark = pytest.mark.e2e
 
@@ -36,16 +34,6 @@ def run_cli(api: str, key: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def finish(client: httpx.Client, task_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        body: dict[str, Any] = client.get(f"/api/scan/{task_id}").json()
-        if body["state"] in ("SUCCESS", "FAILURE", "REVOKED"):
-            return body
-        time.sleep(0.05)
-    pytest.fail(f"{task_id} did not finish")
-
-
 def test_cli_scan_wait_status_result_and_diff(
     api: str, api_key: str, worker: Process, listeners: list[int]
 ) -> None:
@@ -59,7 +47,7 @@ def test_cli_scan_wait_status_result_and_diff(
     assert submitted.returncode == 0, submitted.stderr
     task_id = submitted.stdout.strip()
     with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {api_key}"}) as client:
-        assert finish(client, task_id)["state"] == "SUCCESS"
+        assert wait_final(client, task_id)["state"] == "SUCCESS"
 
     status = run_cli(api, api_key, "status", task_id, "--json")
     assert status.returncode == 0, status.stderr
@@ -114,7 +102,7 @@ def test_exports_and_diff_over_http(
         first = client.post(
             "/api/scan", json={"target": target, "ports": ",".join(map(str, listeners))}
         ).json()["task_id"]
-        assert finish(client, first)["state"] == "SUCCESS"
+        assert wait_final(client, first)["state"] == "SUCCESS"
         # No earlier scan of this target: nothing to compare with.
         assert client.get(f"/api/scan/{first}/diff").status_code == 404
     finally:
@@ -123,7 +111,7 @@ def test_exports_and_diff_over_http(
         second = client.post(
             "/api/scan", json={"target": target, "ports": ",".join(map(str, listeners))}
         ).json()["task_id"]
-        assert finish(client, second)["state"] == "SUCCESS"
+        assert wait_final(client, second)["state"] == "SUCCESS"
         diff = client.get(f"/api/scan/{second}/diff").json()
         assert [p["port"] for p in diff["newly_closed"]] == [listeners[0]]
         assert diff["newly_open"] == []

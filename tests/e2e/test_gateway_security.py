@@ -28,27 +28,15 @@ from tests.conftest import (
     Process,
     auth,
     base_url,
-    delete_queues,
+    own_stack,
     settings_env,
-    start_api,
     start_worker,
-    variant,
+    wait_final,
 )
 
 pytestmark = pytest.mark.e2e
 
 FINAL = ("SUCCESS", "FAILURE", "REVOKED")
-
-
-def wait_final(client: httpx.Client, task_id: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    body: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        body = client.get(f"/api/scan/{task_id}").json()
-        if body.get("state") in FINAL:
-            return body
-        time.sleep(0.05)
-    pytest.fail(f"scan {task_id} did not end: {body}")
 
 
 def submit(client: httpx.Client, **body: Any) -> httpx.Response:
@@ -178,23 +166,16 @@ def limited(settings: Settings, run_dir: Path, database: str) -> Iterator[tuple[
     import secrets
 
     keys = tuple(secrets.token_urlsafe(24) for _ in range(4))
-    limited_settings = variant(
+    with own_stack(
         settings,
-        "limited",
         run_dir,
+        "limited",
         api_keys=keys,
         rate_limit_per_minute=5,
         max_active_scans=2,
         max_ports=100,
-    )
-    process = start_api(limited_settings, run_dir / "api-limited.log")
-    try:
+    ) as limited_settings:
         yield limited_settings, base_url(limited_settings)
-    finally:
-        process.stop()
-        import asyncio
-
-        asyncio.run(delete_queues(limited_settings))
 
 
 def test_submissions_per_minute_are_limited(limited: tuple[Settings, str]) -> None:
@@ -367,24 +348,15 @@ def hosts_wrapper(run_dir: Path, name: str, address: str) -> list[str]:
 def rebinding_stack(settings: Settings, run_dir: Path, database: str) -> Iterator[str]:
     """The gateway resolves rebind.test to an allowed address, the worker to a denied one."""
     assert os.geteuid() == 0, "the DNS rebinding test needs root for a private mount namespace"
-    rebind = variant(settings, "rebind", run_dir)
-    api = start_api(
-        rebind, run_dir / "api-rebind.log", wrap=hosts_wrapper(run_dir, "api", "127.0.0.1")
-    )
-    worker = start_worker(
-        rebind,
-        run_dir / "worker-rebind.log",
-        wrap=hosts_wrapper(run_dir, "worker", "127.0.0.66"),
-        concurrency=1,
-    )
-    try:
+    with own_stack(
+        settings,
+        run_dir,
+        "rebind",
+        workers=1,
+        wrap_api=hosts_wrapper(run_dir, "api", "127.0.0.1"),
+        wrap_worker=hosts_wrapper(run_dir, "worker", "127.0.0.66"),
+    ) as rebind:
         yield base_url(rebind)
-    finally:
-        worker.stop()
-        api.stop()
-        import asyncio
-
-        asyncio.run(delete_queues(rebind))
 
 
 def test_dns_rebinding_is_refused_by_the_worker(rebinding_stack: str, api_key: str) -> None:

@@ -4,7 +4,6 @@ fuzzer invents can be scanned or even resolved."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,28 +16,23 @@ from schemathesis import Case, GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
 from shared.settings import Settings
-from tests.conftest import auth, base_url, delete_queues, start_api, variant
+from tests.conftest import auth, base_url, own_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
 def fuzz_api(settings: Settings, run_dir: Path, database: str) -> Iterator[str]:
-    fuzz = variant(
+    with own_stack(
         settings,
-        "fuzz",
         run_dir,
+        "fuzz",
         target_allow=(),
         target_deny=("0.0.0.0/0", "::/0", "*"),
         rate_limit_per_minute=100_000,
         max_active_scans=100_000,
-    )
-    process = start_api(fuzz, run_dir / "api-fuzz.log")
-    try:
+    ) as fuzz:
         yield base_url(fuzz)
-    finally:
-        process.stop()
-        asyncio.run(delete_queues(fuzz))
 
 
 OPERATIONS = [

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from shared.settings import Settings
-from tests.conftest import Process, auth, base_url, start_api, variant
+from tests.conftest import Process, auth, base_url, start_api, variant, wait_final
 
 pytestmark = pytest.mark.e2e
 
@@ -29,16 +27,6 @@ def caching_api(settings: Settings, run_dir: Path, database: str) -> Iterator[st
         process.stop()
 
 
-def finish(client: httpx.Client, task_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        body: dict[str, Any] = client.get(f"/api/scan/{task_id}").json()
-        if body["state"] in ("SUCCESS", "FAILURE", "REVOKED"):
-            return body
-        time.sleep(0.05)
-    pytest.fail(f"{task_id} did not finish")
-
-
 def test_identical_scan_is_answered_from_the_cache(
     caching_api: str, api_key: str, other_api_key: str, worker: Process, listeners: list[int]
 ) -> None:
@@ -51,7 +39,7 @@ def test_identical_scan_is_answered_from_the_cache(
         first = client.post("/api/scan", json=body)
         assert first.status_code == 202
         task_id = first.json()["task_id"]
-        done = finish(client, task_id)
+        done = wait_final(client, task_id)
         assert done["state"] == "SUCCESS"
 
         cached = client.post("/api/scan", json={**body, "priority": "high"})
@@ -67,11 +55,11 @@ def test_identical_scan_is_answered_from_the_cache(
         assert forced.json()["task_id"] != task_id
         other_ports = client.post("/api/scan", json={**body, "ports": str(listeners[0])})
         assert other_ports.status_code == 202
-        finish(client, forced.json()["task_id"])
-        finish(client, other_ports.json()["task_id"])
+        wait_final(client, forced.json()["task_id"])
+        wait_final(client, other_ports.json()["task_id"])
 
     with httpx.Client(base_url=caching_api, headers=auth(other_api_key), timeout=10) as other:
         # The cache is per key: another key's identical scan runs anew.
         fresh = other.post("/api/scan", json=body)
         assert fresh.status_code == 202
-        finish(other, fresh.json()["task_id"])
+        wait_final(other, fresh.json()["task_id"])

@@ -14,22 +14,17 @@ import pytest
 
 from shared.settings import Settings
 from shared.store import ScanStore
-from tests.conftest import auth, base_url, delete_queues, start_api, start_worker, variant
+from tests.conftest import auth, base_url, own_stack
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def sharding_api(settings: Settings, run_dir: Path, database: str) -> Iterator[str]:
-    sharded = variant(settings, "shards", run_dir, shard_min_ports=40, max_shards=5)
-    api = start_api(sharded, run_dir / "api-shards.log")
-    worker = start_worker(sharded, run_dir / "worker-shards.log", concurrency=2)
-    try:
+    with own_stack(
+        settings, run_dir, "shards", workers=2, shard_min_ports=40, max_shards=5
+    ) as sharded:
         yield base_url(sharded)
-    finally:
-        worker.stop()
-        api.stop()
-        asyncio.run(delete_queues(sharded))
 
 
 def follow(client: httpx.Client, task_id: str, timeout: float = 60) -> list[dict[str, Any]]:

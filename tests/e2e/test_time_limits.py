@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from shared.settings import Settings
-from tests.conftest import auth, base_url, delete_queues, start_api, start_worker, variant
+from tests.conftest import auth, base_url, own_stack, wait_final
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def limited_time(settings: Settings, run_dir: Path, database: str) -> Iterator[str]:
-    short = variant(settings, "timelimit", run_dir, max_scan_seconds=5)
-    api = start_api(short, run_dir / "api-timelimit.log")
-    worker = start_worker(short, run_dir / "worker-timelimit.log", concurrency=1)
-    try:
+    with own_stack(settings, run_dir, "timelimit", workers=1, max_scan_seconds=5) as short:
         yield base_url(short)
-    finally:
-        worker.stop()
-        api.stop()
-        asyncio.run(delete_queues(short))
 
 
 def test_stuck_scan_fails_at_its_soft_limit_and_the_worker_goes_on(
@@ -47,18 +37,8 @@ def test_stuck_scan_fails_at_its_soft_limit_and_the_worker_goes_on(
                 "config": {"service_detection": False},
             },
         ).json()["task_id"]
-        final = wait(client, stuck, 30)
+        final = wait_final(client, stuck)
         assert final["state"] == "FAILURE", final
         assert final["error"] == "time limit exceeded (5 s)"
         # The same (only) worker process runs the next scan.
-        assert wait(client, after, 30)["state"] == "SUCCESS"
-
-
-def wait(client: httpx.Client, task_id: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body: dict[str, Any] = client.get(f"/api/scan/{task_id}").json()
-        if body["state"] in ("SUCCESS", "FAILURE", "REVOKED"):
-            return body
-        time.sleep(0.1)
-    pytest.fail(f"{task_id} did not end")
+        assert wait_final(client, after)["state"] == "SUCCESS"
