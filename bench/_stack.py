@@ -46,9 +46,7 @@ def free_port() -> int:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process read exactly these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    for name, value in settings.model_dump().items():
-        text = ",".join(value) if isinstance(value, tuple) else str(value)
-        env[f"{ENV_PREFIX}{name.upper()}"] = text
+    env.update(settings.to_environ())
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

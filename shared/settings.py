@@ -106,6 +106,14 @@ class Settings(BaseSettings):
             raise ValueError("queue_prefix must be a non-empty name without spaces")
         return value
 
+    def to_environ(self) -> dict[str, str]:
+        """The ``CYBERSEC_*`` variables that make another process read exactly these settings."""
+        environ = {}
+        for name, value in self.model_dump().items():
+            text = ",".join(value) if isinstance(value, tuple) else str(value)
+            environ[f"{ENV_PREFIX}{name.upper()}"] = text
+        return environ
+
     @property
     def scan_queue(self) -> str:
         return f"{self.queue_prefix}.scans"
