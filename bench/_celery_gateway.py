@@ -15,14 +15,14 @@ from uuid import uuid4
 
 import uvicorn
 from celery import Celery
-from kombu import Queue
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from shared.protocol import PRIORITIES, SCAN_TASK, queue_arguments
+from shared.protocol import PRIORITIES, SCAN_TASK
+from worker_service.celery_app import scan_queue
 
 
 def make_celery(broker_url: str, queue: str, dead_queue: str) -> Celery:
@@ -32,14 +32,7 @@ def make_celery(broker_url: str, queue: str, dead_queue: str) -> Celery:
         broker_transport_options={"confirm_publish": True},
         task_serializer="json",
         accept_content=["json"],
-        task_queues=[
-            Queue(
-                queue,
-                routing_key=queue,
-                queue_arguments=queue_arguments(dead_queue),
-                durable=True,
-            )
-        ],
+        task_queues=[scan_queue(queue, dead_queue)],
         task_default_queue=queue,
     )
     return app

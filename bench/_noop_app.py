@@ -11,9 +11,8 @@ import os
 import sys
 
 from celery import Celery
-from kombu import Queue
 
-from shared.protocol import queue_arguments
+from worker_service.celery_app import scan_queue
 
 NOOP_TASK = "bench.noop"
 
@@ -34,14 +33,7 @@ def make_noop_app(
         result_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        task_queues=[
-            Queue(
-                queue,
-                routing_key=queue,
-                queue_arguments=queue_arguments(dead_queue),
-                durable=True,
-            )
-        ],
+        task_queues=[scan_queue(queue, dead_queue)],
         task_default_queue=queue,
         task_acks_late=True,
         task_reject_on_worker_lost=True,

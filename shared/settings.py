@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -112,6 +113,12 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             text = ",".join(value) if isinstance(value, tuple) else str(value)
             environ[f"{ENV_PREFIX}{name.upper()}"] = text
+        return environ
+
+    def child_environ(self, base: Mapping[str, str]) -> dict[str, str]:
+        """``base`` with its own ``CYBERSEC_*`` variables replaced by these settings."""
+        environ = {k: v for k, v in base.items() if not k.startswith(ENV_PREFIX)}
+        environ.update(self.to_environ())
         return environ
 
     @property

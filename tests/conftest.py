@@ -26,7 +26,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.migrate import drop_database, migrate
-from shared.settings import ENV_PREFIX, Settings
+from shared.settings import Settings
 from shared.store import ScanStore, create_pool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,10 +46,7 @@ def free_port() -> int:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process read exactly these settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    env.update(settings.to_environ())
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return {**settings.child_environ(os.environ), "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="session")

@@ -10,16 +10,17 @@ from shared.protocol import SCAN_TASK, queue_arguments
 from shared.settings import Settings
 
 
+def scan_queue(name: str, dead_letter_queue: str) -> Queue:
+    """The scan queue as every Celery-side declarer must declare it (priorities, dead letters)."""
+    return Queue(
+        name, routing_key=name, queue_arguments=queue_arguments(dead_letter_queue), durable=True
+    )
+
+
 def make_celery(settings: Settings) -> Celery:
     """A Celery app bound to these settings; importing this module starts nothing."""
     codec.register_with_kombu()
     app = Celery("cybersec", set_as_current=False)
-    scan_queue = Queue(
-        settings.scan_queue,
-        routing_key=settings.scan_queue,
-        queue_arguments=queue_arguments(settings.dead_letter_queue),
-        durable=True,
-    )
     app.conf.update(
         broker_url=settings.broker_url,
         broker_connection_retry_on_startup=True,
@@ -42,7 +43,7 @@ def make_celery(settings: Settings) -> Celery:
         result_serializer=codec.CODEC_NAME,
         accept_content=[codec.CODEC_NAME],
         result_accept_content=[codec.CODEC_NAME],
-        task_queues=[scan_queue],
+        task_queues=[scan_queue(settings.scan_queue, settings.dead_letter_queue)],
         task_default_queue=settings.scan_queue,
         task_routes={SCAN_TASK: {"queue": settings.scan_queue}},
         task_queue_max_priority=None,
