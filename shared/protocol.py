@@ -67,7 +67,9 @@ class TaskMessage:
     properties: dict[str, Any] = field(default_factory=dict)
 
 
-_ORIGIN: Final = f"gateway@{socket.gethostname()}:{os.getpid()}"
+def _origin() -> str:
+    # Read per message, not at import: a forked server process has its own pid.
+    return f"gateway@{socket.gethostname()}:{os.getpid()}"
 
 
 def build_scan_message(
@@ -76,7 +78,7 @@ def build_scan_message(
     *,
     port_count: int,
     host_count: int = 1,
-    origin: str = _ORIGIN,
+    origin: str | None = None,
     max_seconds: int = 1500,
 ) -> TaskMessage:
     """A Celery message protocol v2 message running ``SCAN_TASK(payload)``."""
@@ -100,7 +102,7 @@ def build_scan_message(
         "parent_id": None,
         "argsrepr": repr((payload.target, payload.ports)),
         "kwargsrepr": "{}",
-        "origin": origin,
+        "origin": origin or _origin(),
         "ignore_result": False,
         "replaced_task_nesting": 0,
         "stamped_headers": None,
