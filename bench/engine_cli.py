@@ -1,34 +1,43 @@
-"""Run the scan engine once and print its findings as JSON: the engine as a command, like nmap.
+"""Run the scan engine once and print its findings: the engine as a command, like nmap.
 
-``python -S bench/engine_cli.py 127.0.0.1 1-65535 --timeout 1 --concurrency 1000`` (or ``-m``)
-prints ``{"seconds": ..., "open": [...], "notable": {port: [state, reason]}, "refused": n}``
-where ``seconds`` is the time spent inside the engine alone. By default it calls the blocking
-entry point ``scan_blocking``; ``--asyncio`` goes through ``scan_host`` on an event loop, as the
-worker does, and pays asyncio's import time on top.
+``python -S bench/engine_cli.py 127.0.0.1 1-65535 --timeout 1 --concurrency 1000`` prints a
+Python literal (read it with ``ast.literal_eval``), ``{"seconds": ..., "open": [...],
+"notable": {port: (state, reason)}, "refused": n}``, where ``seconds`` is the time spent inside
+the engine alone. By default it calls the blocking core ``worker_service.engine.sweep_tiers``
+(the same tiers, sweeps and shard processes a worker runs); ``--asyncio`` goes through
+``scanner.scan_host`` on an event loop, as the worker does, and pays asyncio's import time.
+A literal, not JSON: importing ``json`` (and ``re`` with it) costs more than sweeping the
+first thousand ports.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from collections.abc import Sequence
 
 if __package__ in (None, ""):
     # Run as a file (``python -S bench/engine_cli.py``), which skips runpy's start-up cost.
     sys.path.insert(0, str(__file__).rsplit("/bench/", 1)[0])
 
 from shared.ports import parse_port_spec
-from worker_service.scanner import PortOutcome, scan_blocking, scan_host
+from worker_service.engine import outcome_of, sweep_tiers
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from worker_service.shards import Outcome
 
 
-def report(outcomes: Sequence[PortOutcome], seconds: float) -> dict[str, object]:
-    notable = {o.port: [o.state, o.reason] for o in outcomes if o.reason != "conn-refused"}
+def report(
+    scanned: Sequence[int], notable: dict[int, Outcome], seconds: float
+) -> dict[str, object]:
+    shown = {port: outcome for port, outcome in notable.items() if outcome[1] != "conn-refused"}
     return {
         "seconds": seconds,
-        "open": [o.port for o in outcomes if o.state == "open"],
-        "notable": notable,
-        "refused": len(outcomes) - len(notable),
+        "open": [port for port in scanned if outcome_of(notable, port)[0] == "open"],
+        "notable": shown,
+        "refused": len(scanned) - len(shown),
     }
 
 
@@ -62,13 +71,17 @@ def main() -> None:
     if use_asyncio:
         import asyncio
 
+        from worker_service.scanner import scan_host
+
         started = time.perf_counter()
         coro = scan_host(address, ports, timeout=timeout, concurrency=concurrency)
         outcomes = asyncio.run(coro)
+        scanned = [o.port for o in outcomes]
+        notable = {o.port: (str(o.state), o.reason) for o in outcomes}
     else:
         started = time.perf_counter()
-        outcomes = scan_blocking(address, ports, timeout=timeout, concurrency=concurrency)
-    print(json.dumps(report(outcomes, time.perf_counter() - started)))
+        scanned, notable = sweep_tiers(address, ports, timeout=timeout, concurrency=concurrency)
+    print(repr(report(scanned, notable, time.perf_counter() - started)))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not at run time: a one-shot scan command pays for every import
+    from collections.abc import Iterable, Sequence
+    from typing import Final
 
 MIN_PORT: Final = 1
 MAX_PORT: Final = 65_535

@@ -9,25 +9,31 @@ standard library so a shard starts in ~10 ms and never forks a process that hold
 
 from __future__ import annotations
 
+import _socket as socket
 import errno
 import os
 import select
-import socket
 import sys
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final
 
+# Only C-level modules at run time: ``socket`` (enum), ``collections`` and ``typing`` would
+# double the start-up of a shard process or a one-shot scan command.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import selectors
     import subprocess
+    import threading
+    from collections import deque
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from typing import Any, Final
+
+    Tick = Callable[[int, list[int]], None]
+    """Called with (ports finished since the last tick, ports found open since the last tick)."""
+else:
+    from _collections import deque
 
 Outcome = tuple[str, str]
 """(state, reason) of one port; state is one of shared.schemas.PortState."""
-Tick = Callable[[int, list[int]], None]
-"""Called with (ports finished since the last tick, ports found open since the last tick)."""
 
 REFUSED: Final[Outcome] = ("closed", "conn-refused")
 MAX_INFLIGHT: Final = 4096
