@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import aio_pika
 import httpx
@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 import uvloop
 
 from bench import _messages as msgs
-from bench._noop_app import NOOP_TASK, make_noop_app
+from bench._noop_app import NOOP_TASK, WRITE_TASK, create_write_table, make_noop_app
 from bench._results import ResultWatcher, stored_span, wait_stored
 from bench._stack import (
     Child,
@@ -440,18 +440,30 @@ async def drain_ours(
     return Drain(count, (count - 1) / (last - first), usage, count - states.get("SUCCESS", 0))
 
 
-async def drain_stock(bench: Bench, count: int, concurrency: int) -> Drain:
-    """The same drain on a stock Celery worker whose task does nothing."""
+async def drain_stock(
+    bench: Bench, count: int, concurrency: int, *, task: str = NOOP_TASK
+) -> Drain:
+    """The same drain on a stock Celery worker whose task does nothing (or, with
+    ``WRITE_TASK``, only commits one row to PostgreSQL)."""
     settings, stack = bench.settings, bench.stack
-    queue, dead = stack.queue_pair("noop")
-    prefix = f"bench-{stack.run_id}-noop:"
+    tag = task.rpartition(".")[2]
+    queue, dead = stack.queue_pair(tag)
+    prefix = f"bench-{stack.run_id}-{tag}:"
     await msgs.purge(settings.broker_url, queue)
     client = make_noop_app(settings.broker_url, queue, dead)
+    if task == WRITE_TASK:
+        await create_write_table(settings.database_url)
 
     def publish() -> list[str]:
         with client.producer_or_acquire() as producer:
             return [
-                client.send_task(NOOP_TASK, queue=queue, producer=producer).id for _ in range(count)
+                client.send_task(
+                    task,
+                    args=[str(uuid4())] if task == WRITE_TASK else [],
+                    queue=queue,
+                    producer=producer,
+                ).id
+                for _ in range(count)
             ]
 
     connection = await aio_pika.connect(settings.broker_url)
@@ -466,9 +478,11 @@ async def drain_stock(bench: Bench, count: int, concurrency: int) -> Drain:
         BENCH_REDIS_PREFIX=prefix,
         BENCH_QUEUE=queue,
         BENCH_DEAD_QUEUE=dead,
+        BENCH_LOG_LEVEL=settings.log_level,
+        BENCH_DATABASE_URL=settings.database_url,
     )
     worker = stack.start(
-        f"noop-c{concurrency}",
+        f"{tag}-c{concurrency}",
         ["-m", "bench._noop_app", f"--concurrency={concurrency}", "--without-mingle"],
         env,
     )
@@ -507,9 +521,11 @@ async def bench_workers(bench: Bench) -> Table:
     table.add("time per task (1 / rate)", ms(1 / ours_rate), ms(1 / stock_rate))
     quiet = await drain_ours(bench, plan.drain_tasks, 2, port, detect=False)
     closed = await drain_ours(bench, plan.drain_tasks, 2, free_port())
+    write = await drain_stock(bench, plan.drain_tasks, 2, task=WRITE_TASK)
     for label, drain in (
         ("diagnostic: open port, service_detection off", quiet),
         ("diagnostic: closed port (nothing to identify)", closed),
+        ("ceiling: stock worker, task = one committed INSERT", write),
     ):
         table.add(
             label,

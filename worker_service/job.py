@@ -24,7 +24,7 @@ from shared.targets import parse_target
 from worker_service.fingerprint import ServiceInfo, identify, registered_name
 from worker_service.reporting import EventLog, ProgressReporter
 from worker_service.runtime import WorkerRuntime
-from worker_service.scanner import scan_host
+from worker_service.scanner import PortOutcome, scan_blocking, scan_host
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,6 +34,11 @@ IDENTIFY_CONCURRENCY = 64
 IDENTIFY_MIN_SECONDS = 1.0
 IDENTIFY_MAX_SECONDS = 3.0
 CANCEL_POLL_SECONDS = 0.5
+INLINE_MAX_PORTS = 16
+INLINE_MAX_TIMEOUT = 1.0
+"""A scan this small sweeps on the loop's own thread: it ends within one connect timeout, and
+the executor round trip would cost a 1-port scan more than the sweep does. The loop has nothing
+else to serve meanwhile but the cancel check, which then waits at most that one timeout."""
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,
     # A server shutting down or starting up: admin shutdown, crash, "cannot connect now".
@@ -250,13 +255,7 @@ class ScanJob:
         self.closed = self.filtered = 0
         for address in addresses:
             self.reporter.start_host(address)
-            outcomes = await scan_host(
-                address,
-                ports,
-                timeout=self.job.config.timeout,
-                concurrency=self.job.config.max_concurrent,
-                on_progress=self.reporter,
-            )
+            outcomes = await self._sweep(address, ports)
             self.reporter.finish_host(len(outcomes))
             open_ports = [o for o in outcomes if o.state == "open"]
             services = await self._identify(address, [o.port for o in open_ports])
@@ -271,6 +270,24 @@ class ScanJob:
                 else:
                     self.filtered += 1
         return self._result("completed", self.reporter.total)
+
+    async def _sweep(self, address: str, ports: list[int]) -> list[PortOutcome]:
+        config = self.job.config
+        if len(ports) <= INLINE_MAX_PORTS and config.timeout <= INLINE_MAX_TIMEOUT:
+            return scan_blocking(
+                address,
+                ports,
+                timeout=config.timeout,
+                concurrency=config.max_concurrent,
+                on_progress=self.reporter,
+            )
+        return await scan_host(
+            address,
+            ports,
+            timeout=config.timeout,
+            concurrency=config.max_concurrent,
+            on_progress=self.reporter,
+        )
 
     async def _identify(self, address: str, ports: list[int]) -> dict[int, ServiceInfo]:
         """Service identification on open ports only, after discovery, bounded in time."""
@@ -314,5 +331,5 @@ class ScanJob:
 
     def finish(self, state: str) -> None:
         """Tell stream readers the scan ended and give the key its active slot back."""
-        self.events.write(("end", {"state": state}))
-        self.events.release(self.row.api_key_id if self.row is not None else None)
+        owner = self.row.api_key_id if self.row is not None else None
+        self.events.write(("end", {"state": state}), release=owner)

@@ -42,8 +42,12 @@ class EventLog:
         """Queue events to go out ahead of the next write (a scan always writes its ``end``)."""
         self._held.extend(events)
 
-    def write(self, *events: tuple[EventKind, object]) -> bool:
+    def write(self, *events: tuple[EventKind, object], release: Any = None) -> bool:
+        """Append events (after any held ones); with ``release``, also free that key's
+        active-scan slot taken by the gateway's limiter, in the same round trip."""
         if not self.available:
+            if release is not None:
+                self._release(release)
             return False
         batch = (*self._held, *events)
         try:
@@ -51,18 +55,19 @@ class EventLog:
                 for kind, data in batch:
                     pipe.xadd(self.key, encode_event(kind, data), maxlen=STREAM_MAXLEN)  # type: ignore[arg-type]
                 pipe.expire(self.key, self.ttl)
+                if release is not None:
+                    pipe.zrem(active_key(self.prefix, release), self.task_id)
                 pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("scan %s: progress not written, Redis unavailable: %r", self.task_id, exc)
             self.down_until = time.monotonic() + REDIS_BACKOFF
+            if release is not None:
+                log.warning("scan %s: active slot not released", self.task_id)
             return False
         self._held.clear()
         return True
 
-    def release(self, owner: Any) -> None:
-        """Free the key's active-scan slot taken by the gateway's limiter."""
-        if owner is None:
-            return
+    def _release(self, owner: Any) -> None:
         try:
             self.client.zrem(active_key(self.prefix, owner), self.task_id)
         except (RedisError, OSError) as exc:
