@@ -1,7 +1,9 @@
 """Per-key limits, checked and counted atomically in Redis by one Lua script.
 
 Each submission runs the script once (EVALSHA, so atomic per submission); the calls of
-concurrent submissions share one pipelined round trip, each reading its own verdict.
+concurrent submissions share one pipelined round trip, each reading its own verdict. An
+admitted submission's owner is recorded by the same call (see ``shared.redis_keys.owner_key``),
+so that status reads can check ownership while PostgreSQL is unreachable.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from redis.exceptions import NoScriptError, RedisError
 
 from api_service.errors import ApiError
 from shared.batching import Batcher
-from shared.redis_keys import active_key, rate_key
+from shared.redis_keys import active_key, owner_key, owner_value, rate_key
 
 log = logging.getLogger(__name__)
 
-# KEYS: submissions-this-minute counter, active-scans sorted set (member task id, score deadline)
-# ARGV: now, per-minute limit, active limit, task id, task deadline, window seconds left
+# KEYS: submissions-this-minute counter, active-scans sorted set (member task id, score deadline),
+#       the task's owner key
+# ARGV: now, per-minute limit, active limit, task id, task deadline, window seconds left,
+#       owner value, owner key TTL
 _ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
@@ -34,18 +38,25 @@ if n > tonumber(ARGV[2]) then
 end
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
 redis.call('EXPIRE', KEYS[2], 86400)
+redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
 return {0, 0}
 """
 
 
 class Limiter:
     def __init__(
-        self, redis: aioredis.Redis, prefix: str, per_minute: int, max_active: int
+        self,
+        redis: aioredis.Redis,
+        prefix: str,
+        per_minute: int,
+        max_active: int,
+        owner_ttl: int = 86_400,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.per_minute = per_minute
         self.max_active = max_active
+        self.owner_ttl = owner_ttl
         self._sha = redis.register_script(_ADMIT).sha
         self._batch: Batcher[list[Any], Any] = Batcher(self._run_many)
 
@@ -63,12 +74,12 @@ class Limiter:
     async def _evalsha(self, calls: list[list[Any]]) -> list[Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for call in calls:
-                pipe.evalsha(self._sha, 2, *call)
+                pipe.evalsha(self._sha, 3, *call)
             outcomes: list[Any] = await pipe.execute(raise_on_error=False)
         return outcomes
 
-    async def admit(self, owner: UUID, task_id: UUID, deadline_seconds: int) -> None:
-        """Count a submission; raise 429 when the key is over either limit.
+    async def admit(self, owner: UUID, task_id: UUID, scan_id: UUID, deadline_seconds: int) -> None:
+        """Count a submission and record its owner; raise 429 when the key is over either limit.
 
         When Redis is unreachable submissions are admitted (and logged): a result-backend
         outage must not stop scanning, and PostgreSQL still records every scan.
@@ -80,12 +91,15 @@ class Limiter:
                 [
                     rate_key(self.prefix, owner, window),
                     active_key(self.prefix, owner),
+                    owner_key(self.prefix, task_id),
                     now,
                     self.per_minute,
                     self.max_active,
                     str(task_id),
                     now + deadline_seconds,
                     61 - int(now % 60),
+                    owner_value(owner, scan_id),
+                    self.owner_ttl,
                 ]
             )
         except (RedisError, OSError) as exc:

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from api_service.errors import ApiError
 from shared.protocol import STORING
-from shared.redis_keys import owner_key, result_key
+from shared.redis_keys import owner_key, parse_owner_value, result_key
 from shared.schemas import ScanResult, ScanStatus
 from shared.store import ScanRow, ScanStore
 
@@ -31,22 +31,10 @@ _ROW_STATES = {
 
 
 class StatusReader:
-    def __init__(
-        self, store: ScanStore, redis: aioredis.Redis, redis_prefix: str, ttl: int = 86_400
-    ) -> None:
+    def __init__(self, store: ScanStore, redis: aioredis.Redis, redis_prefix: str) -> None:
         self.store = store
         self.redis = redis
         self.redis_prefix = redis_prefix
-        self.ttl = ttl
-
-    async def remember_owner(self, task_id: UUID, owner: UUID, scan_id: UUID) -> None:
-        """Keep who owns a task in Redis too, so status reads survive a database outage."""
-        try:
-            await self.redis.set(
-                owner_key(self.redis_prefix, task_id), f"{owner}:{scan_id}", ex=self.ttl
-            )
-        except (RedisError, OSError) as exc:
-            log.warning("could not record the owner of %s in Redis: %r", task_id, exc)
 
     async def _meta(self, task_id: UUID) -> dict[str, Any] | None:
         try:
@@ -88,11 +76,11 @@ class StatusReader:
         if raw is None:
             raise unavailable
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        key_id, _, scan_id = text.partition(":")
+        key_id, scan_id = parse_owner_value(text)
         if key_id != str(owner):
             raise ApiError(404, f"no scan with task id {task_id}")
         status = ScanStatus(
-            task_id=task_id, scan_id=UUID(scan_id), state="PENDING", status="Waiting for a worker"
+            task_id=task_id, scan_id=scan_id, state="PENDING", status="Waiting for a worker"
         )
         meta = await self._meta(task_id)
         if meta is not None:

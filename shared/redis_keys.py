@@ -31,9 +31,19 @@ def rate_key(prefix: str, owner: UUID | str, window: int) -> str:
 
 
 def owner_key(prefix: str, task_id: UUID | str) -> str:
-    """``<key id>:<scan id>`` of a task: lets status reads check ownership while PostgreSQL
-    is unreachable."""
+    """``owner_value`` of a task: lets status reads check ownership while PostgreSQL is
+    unreachable."""
     return f"{_prefix(prefix)}owner:{task_id}"
+
+
+def owner_value(owner: UUID, scan_id: UUID) -> str:
+    return f"{owner}:{scan_id}"
+
+
+def parse_owner_value(value: str) -> tuple[str, UUID]:
+    """(key id, scan id) from ``owner_value``."""
+    key_id, _, scan_id = value.partition(":")
+    return key_id, UUID(scan_id)
 
 
 def shards_key(prefix: str, task_id: UUID | str) -> str:

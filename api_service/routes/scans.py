@@ -119,7 +119,7 @@ async def submit_scan(request: Request) -> Response:
     hard_limit, _soft = time_limits(
         payload, len(parsed.ports), parsed.hosts, cap=svc.settings.max_scan_seconds
     )
-    await svc.limiter.admit(owner, task_id, hard_limit)
+    await svc.limiter.admit(owner, task_id, scan_id, hard_limit)
     try:
         row = await svc.store.insert(
             scan_id=scan_id,
@@ -152,7 +152,6 @@ async def submit_scan(request: Request) -> Response:
         host_count=parsed.hosts,
         max_seconds=svc.settings.max_scan_seconds,
     )
-    await svc.status.remember_owner(task_id, owner, scan_id)
     try:
         await svc.publisher.publish(message)
     except PublishFailed as exc:
