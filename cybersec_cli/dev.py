@@ -19,7 +19,8 @@ from shared.migrate import migrate
 from shared.settings import ENV_PREFIX, Settings
 
 START_HINTS = {
-    "PostgreSQL": "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+    "PostgreSQL": "pg_ctlcluster --skip-systemctl-redirect"
+    " $(ls /etc/postgresql | sort -V | tail -1) main start",
     "Redis": 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no',
     "RabbitMQ": "rabbitmq-server -detached",
 }

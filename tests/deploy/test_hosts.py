@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import configparser
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import needs
 
 from .conftest import (
     DEPLOY,
@@ -113,8 +114,8 @@ def test_migrate_unit_runs_once_before_the_services() -> None:
         assert "cybersec-migrate.service" in unit["Wants"][0].split()
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
 def test_units_pass_systemd_analyze(tmp_path: Path) -> None:
+    needs.tool("systemd-analyze")
     # verify insists that ExecStart's binary exists: point the units at this venv.
     units = []
     for path in sorted(UNITS.glob("*.service")):

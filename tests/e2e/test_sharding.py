@@ -101,9 +101,9 @@ def test_sharded_scan_can_be_cancelled(
         while client.get(f"/api/scan/{task_id}").json()["state"] != "PROGRESS":
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        asked = time.monotonic()
         assert client.delete(f"/api/scan/{task_id}").status_code == 202
         final = follow(client, task_id, timeout=20)[-1]
     assert final["state"] == "REVOKED"
-    assert time.monotonic() - asked < 10
     assert final["result"]["status"] == "revoked"
+    # Stopped before the silent port's 20 s timeout could settle it.
+    assert final["result"]["total_ports_scanned"] < 201

@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import itertools
 import os
-import shutil
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
+
+from tests import needs
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 _netns_ids = itertools.count()
@@ -73,8 +74,7 @@ def _ip(*args: str) -> None:
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A private network namespace with loopback up, deleted afterwards."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2")
+    needs.root_with_iproute2()
     name = f"cybersec-test-{os.getpid()}-{next(_netns_ids)}"
     _ip("netns", "add", name)
     try:

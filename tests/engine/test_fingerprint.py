@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import ssl
 import struct
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import needs
 from worker_service import fingerprint
 from worker_service.fingerprint import ServiceInfo, identify
 
@@ -100,8 +100,7 @@ def test_parse_postgres() -> None:
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("needs openssl")
+    needs.tool("openssl")
     folder = tmp_path_factory.mktemp("tls")
     key, cert = folder / "key.pem", folder / "cert.pem"
     subprocess.run(
@@ -241,8 +240,7 @@ NMAP_ALIASES = {"ssl/http": "https", "http-proxy": "http", "postgres": "postgres
 
 @pytest.mark.timeout(110)
 async def test_service_names_agree_with_nmap(serve: Serve) -> None:
-    if shutil.which("nmap") is None:
-        pytest.skip("needs nmap")
+    needs.tool("nmap")
     handlers = {
         "ssh": greeter(SSH_BANNER),
         "ftp": greeter(FTP_BANNER),

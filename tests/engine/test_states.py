@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests import needs
 from worker_service import shards
 from worker_service.scanner import ScanProgressEvent, effective_concurrency, scan_host
 
@@ -92,8 +93,7 @@ async def test_progress_follows_tier_order(listeners: Listeners) -> None:
 
 
 async def test_ipv6_loopback(listeners: Listeners) -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
+    needs.ipv6()
     (open_port,) = listeners(1, address="::1")
     (closed_port,) = listeners(1, listen=False, address="::1")
     outcomes = await scan_host("::1", [open_port, closed_port], timeout=1, concurrency=10)

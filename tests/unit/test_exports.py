@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import shutil
 import socket
 import subprocess
 import xml.etree.ElementTree as ET
@@ -22,20 +20,10 @@ from libnmap.parser import NmapParser
 from shared.exports import CSV_COLUMNS, EXPORT_FORMATS, MEDIA_TYPES, render, to_csv, to_nmap_xml
 from shared.ports import parse_port_spec
 from shared.schemas import PortResult, ScanResult
+from tests import needs
 
 NMAP_DTD = Path("/usr/share/nmap/nmap.dtd")
 STARTED = datetime(2026, 11, 25, 14, 22, 25, tzinfo=UTC)
-
-
-def require(tool: str) -> str:
-    """The tool's path; a missing tool skips locally and fails in CI, which installs it."""
-    path = shutil.which(tool)
-    if path is None:
-        message = f"{tool} is not installed"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def open_port(port: int, address: str = "127.0.0.1", **fields: Any) -> PortResult:
@@ -266,9 +254,8 @@ def test_xml_without_open_ports_or_addresses() -> None:
 
 
 def test_xml_is_valid_under_nmaps_dtd(tmp_path: Path) -> None:
-    xmllint = require("xmllint")
-    if not NMAP_DTD.exists():
-        pytest.skip(f"{NMAP_DTD} is missing (Debian package nmap-common)")
+    xmllint = needs.tool("xmllint")
+    needs.file(NMAP_DTD, "nmap-common")
     # The DTD enumerates scanner="nmap" only; that attribute is the one place we say who we are.
     dtd = tmp_path / "nmap.dtd"
     dtd.write_text(
@@ -297,7 +284,7 @@ def test_xml_is_valid_under_nmaps_dtd(tmp_path: Path) -> None:
 
 
 def test_ndiff_finds_no_difference_between_a_scan_and_itself(tmp_path: Path) -> None:
-    ndiff = require("ndiff")
+    ndiff = needs.tool("ndiff")
     path = write(tmp_path, "scan.xml", BEFORE)
     run = subprocess.run([ndiff, str(path), str(path)], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -305,7 +292,7 @@ def test_ndiff_finds_no_difference_between_a_scan_and_itself(tmp_path: Path) -> 
 
 
 def test_ndiff_reports_what_changed(tmp_path: Path) -> None:
-    ndiff = require("ndiff")
+    ndiff = needs.tool("ndiff")
     old, new = write(tmp_path, "old.xml", BEFORE), write(tmp_path, "new.xml", AFTER)
     run = subprocess.run([ndiff, str(old), str(new)], capture_output=True, text=True, check=False)
     assert run.returncode == 1, run.stderr  # 1: the scans differ
@@ -455,7 +442,7 @@ def listeners() -> Iterator[tuple[list[int], int]]:
 def test_libnmap_reads_the_same_open_ports_from_nmap_and_from_us(
     listeners: tuple[list[int], int],
 ) -> None:
-    nmap = require("nmap")
+    nmap = needs.tool("nmap")
     open_ports, closed = listeners
     spec = ",".join(map(str, sorted([*open_ports, closed])))
     run = subprocess.run(

@@ -31,7 +31,9 @@ def test_default_deny(address: str) -> None:
 
 @pytest.mark.parametrize("address", ["10.1.2.3", "192.168.1.1", "8.8.8.8", "2606:4700::1111"])
 def test_ordinary_addresses_pass_by_default(address: str) -> None:
-    TargetPolicy().check_address(address)
+    TargetPolicy().check_address(address)  # raises TargetDenied when denied
+    with pytest.raises(TargetDenied, match="denied by the target policy"):
+        TargetPolicy((), (address,)).check_address(address)
 
 
 def test_allow_lifts_default_deny_and_deny_wins() -> None:
