@@ -357,6 +357,19 @@ async def bench_gateway(bench: Bench) -> Table:
         per_s(fixed_ours["rate"]),
         per_s(fixed_cgw["rate"]),
     )
+    floor = await thin_gateway(bench, plan.connections, secs, raw_queue, raw_dead)
+    table.add(
+        "floor: Starlette endpoint that only parses and publishes",
+        per_s(floor["rate"]),
+        f"raw {per_s(floor['raw'])}",
+        f"{floor['rate'] / floor['raw']:.2f}x",
+    )
+    table.add(
+        "floor vs the Celery send_task gateway",
+        per_s(floor["rate"]),
+        per_s(cgw_rate),
+        f"{floor['rate'] / cgw_rate:.2f}x",
+    )
     if not plan.quick:
         quiet = settings.model_copy(update={"log_level": "WARNING", "api_port": free_port()})
         quiet_api = await stack.start_api(quiet)
@@ -394,6 +407,34 @@ async def bench_gateway(bench: Bench) -> Table:
         cpu_note("celery-gw at saturation", usage_cgw, int(celery[-1]["ok"])),
     ]
     return table
+
+
+async def thin_gateway(
+    bench: Bench, connections: int, seconds: float, raw_queue: str, raw_dead: str
+) -> dict[str, float]:
+    """``bench._thin_gateway`` at saturation, and raw publishing right before it."""
+    stack, settings = bench.stack, bench.settings
+    thin = settings.model_copy(update={"api_port": free_port()})
+    child = stack.start("thin-gateway", ["-m", "bench._thin_gateway"], settings_env(thin))
+    try:
+        await wait_http(child, f"http://127.0.0.1:{thin.api_port}/api/scan", 405)
+        await bench.loadgen(thin.api_port, seconds=1.0, connections=connections)
+        await msgs.purge(settings.broker_url, settings.scan_queue, raw_queue)
+        sent, took = await msgs.publish_pipelined(
+            settings.broker_url,
+            raw_queue,
+            raw_dead,
+            msgs.raw_scan_message,
+            inflight=bench.plan.raw_inflight,
+            limit=200_000,
+            duration=seconds,
+        )
+        await msgs.purge(settings.broker_url, raw_queue)
+        report = await bench.loadgen(thin.api_port, seconds=seconds, connections=connections)
+        await msgs.purge(settings.broker_url, settings.scan_queue)
+    finally:
+        stack.stop(child)
+    return {"rate": float(report["rate"]), "raw": sent / took}
 
 
 # --- 2. workers ----------------------------------------------------------------------------
