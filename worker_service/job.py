@@ -24,7 +24,7 @@ from shared.targets import parse_target
 from worker_service.fingerprint import ServiceInfo, identify, registered_name
 from worker_service.reporting import EventLog, ProgressReporter
 from worker_service.runtime import WorkerRuntime
-from worker_service.scanner import PortOutcome, scan_blocking, scan_host
+from worker_service.scanner import PortOutcome, ScanProgressEvent, scan_blocking, scan_host
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,10 +35,10 @@ IDENTIFY_MIN_SECONDS = 1.0
 IDENTIFY_MAX_SECONDS = 3.0
 CANCEL_POLL_SECONDS = 0.5
 INLINE_MAX_PORTS = 16
-INLINE_MAX_TIMEOUT = 1.0
-"""A scan this small sweeps on the loop's own thread: it ends within one connect timeout, and
-the executor round trip would cost a 1-port scan more than the sweep does. The loop has nothing
-else to serve meanwhile but the cancel check, which then waits at most that one timeout."""
+INLINE_MAX_SECONDS = 1.0
+"""A one-address scan of at most 16 ports that cannot take longer than 1 s sweeps on the loop's
+own thread: the executor round trip would cost a 1-port scan more than the sweep does. The loop
+has nothing else to serve meanwhile but the cancel check, which then waits at most that long."""
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,
     # A server shutting down or starting up: admin shutdown, crash, "cannot connect now".
@@ -271,15 +271,32 @@ class ScanJob:
                     self.filtered += 1
         return self._result("completed", self.reporter.total)
 
+    def _inline(self, ports: list[int]) -> bool:
+        config = self.job.config
+        rounds = -(-len(ports) // max(1, min(config.max_concurrent, len(ports))))
+        return (
+            len(self.addresses) == 1
+            and len(ports) <= INLINE_MAX_PORTS
+            and rounds * config.timeout <= INLINE_MAX_SECONDS
+        )
+
+    def _report_inline(self, event: ScanProgressEvent) -> None:
+        # On the executor path the loop ran this callback and only logged its errors; a
+        # progress write that fails must not fail the scan here either.
+        try:
+            self.reporter(event)
+        except Exception:
+            log.exception("scan %s: progress not reported", self.job.scan_id)
+
     async def _sweep(self, address: str, ports: list[int]) -> list[PortOutcome]:
         config = self.job.config
-        if len(ports) <= INLINE_MAX_PORTS and config.timeout <= INLINE_MAX_TIMEOUT:
+        if self._inline(ports):
             return scan_blocking(
                 address,
                 ports,
                 timeout=config.timeout,
                 concurrency=config.max_concurrent,
-                on_progress=self.reporter,
+                on_progress=self._report_inline,
             )
         return await scan_host(
             address,

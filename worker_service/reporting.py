@@ -62,7 +62,7 @@ class EventLog:
             log.warning("scan %s: progress not written, Redis unavailable: %r", self.task_id, exc)
             self.down_until = time.monotonic() + REDIS_BACKOFF
             if release is not None:
-                log.warning("scan %s: active slot not released", self.task_id)
+                self._release(release)  # its own chance: the pipeline may have failed before it
             return False
         self._held.clear()
         return True
