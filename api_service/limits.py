@@ -1,9 +1,10 @@
 """Per-key limits, checked and counted atomically in Redis by one Lua script.
 
-Each submission runs the script once (EVALSHA, so atomic per submission); the calls of
-concurrent submissions share one pipelined round trip, each reading its own verdict. An
-admitted submission's owner is recorded by the same call (see ``shared.redis_keys.owner_key``),
-so that status reads can check ownership while PostgreSQL is unreachable.
+Concurrent submissions are batched (``shared.batching``) into one EVALSHA that decides each in
+turn, atomically, and answers a verdict per submission: one command per round trip rather than
+one per submission, which is most of what the limiter costs the gateway. An admitted
+submission's owner is recorded by the same call (see ``shared.redis_keys.owner_key``), so that
+status reads can check ownership while PostgreSQL is unreachable.
 """
 
 from __future__ import annotations
@@ -22,24 +23,39 @@ from shared.redis_keys import active_key, owner_key, owner_value, rate_key
 
 log = logging.getLogger(__name__)
 
-# KEYS: submissions-this-minute counter, active-scans sorted set (member task id, score deadline),
-#       the task's owner key
-# ARGV: now, per-minute limit, active limit, task id, task deadline, window seconds left,
-#       owner value, owner key TTL
+# For submission i (from 0): KEYS[3i+1] its key's submissions-this-minute counter, KEYS[3i+2]
+# its key's active-scans sorted set (member task id, score deadline), KEYS[3i+3] its owner key.
+# ARGV: now, per-minute limit, active limit, owner key TTL, then per submission: task id,
+# task deadline, seconds left in the minute window, owner value.
+# Returns {verdict, retry-after} per submission: 0 admitted, 1 over the rate, 2 too many active.
 _ADMIT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
-  return {2, 0}
+local now, owner_ttl = ARGV[1], ARGV[4]
+local per_minute, max_active = tonumber(ARGV[2]), tonumber(ARGV[3])
+local verdicts = {}
+for i = 0, #KEYS / 3 - 1 do
+  local rate, active, owner = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
+  local task, deadline = ARGV[4 * i + 5], ARGV[4 * i + 6]
+  local window, who = ARGV[4 * i + 7], ARGV[4 * i + 8]
+  redis.call('ZREMRANGEBYSCORE', active, '-inf', now)
+  if redis.call('ZCARD', active) >= max_active then
+    verdicts[#verdicts + 1] = 2
+    verdicts[#verdicts + 1] = 0
+  else
+    local n = redis.call('INCR', rate)
+    if n == 1 then redis.call('EXPIRE', rate, window) end
+    if n > per_minute then
+      verdicts[#verdicts + 1] = 1
+      verdicts[#verdicts + 1] = redis.call('TTL', rate)
+    else
+      redis.call('ZADD', active, deadline, task)
+      redis.call('EXPIRE', active, 86400)
+      redis.call('SET', owner, who, 'EX', owner_ttl)
+      verdicts[#verdicts + 1] = 0
+      verdicts[#verdicts + 1] = 0
+    end
+  end
 end
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
-if n > tonumber(ARGV[2]) then
-  return {1, redis.call('TTL', KEYS[1])}
-end
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
-redis.call('EXPIRE', KEYS[2], 86400)
-redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
-return {0, 0}
+return verdicts
 """
 
 
@@ -58,25 +74,21 @@ class Limiter:
         self.max_active = max_active
         self.owner_ttl = owner_ttl
         self._sha = redis.register_script(_ADMIT).sha
-        self._batch: Batcher[list[Any], Any] = Batcher(self._run_many)
+        self._batch: Batcher[tuple[list[str], list[Any]], tuple[int, int]] = Batcher(self._run_many)
 
-    async def _run_many(self, calls: list[list[Any]]) -> list[Any]:
-        """One EVALSHA per call in one pipeline; exceptions come back in place of verdicts."""
-        outcomes = await self._evalsha(calls)
-        missing = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, NoScriptError)]
-        if missing:  # Redis restarted or flushed its script cache: none of these ran
+    async def _run_many(
+        self, calls: list[tuple[list[str], list[Any]]]
+    ) -> list[tuple[int, int] | Exception]:
+        """One EVALSHA for the whole batch; a Redis error answers every caller of it."""
+        keys = [key for call_keys, _args in calls for key in call_keys]
+        args: list[Any] = [time.time(), self.per_minute, self.max_active, self.owner_ttl]
+        args += [arg for _keys, call_args in calls for arg in call_args]
+        try:
+            flat = await self.redis.evalsha(self._sha, len(keys), *keys, *args)
+        except NoScriptError:  # Redis restarted or flushed its script cache: nothing ran
             await self.redis.script_load(_ADMIT)
-            retried = await self._evalsha([calls[i] for i in missing])
-            for index, outcome in zip(missing, retried, strict=True):
-                outcomes[index] = outcome
-        return outcomes
-
-    async def _evalsha(self, calls: list[list[Any]]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for call in calls:
-                pipe.evalsha(self._sha, 3, *call)
-            outcomes: list[Any] = await pipe.execute(raise_on_error=False)
-        return outcomes
+            flat = await self.redis.evalsha(self._sha, len(keys), *keys, *args)
+        return [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def admit(self, owner: UUID, task_id: UUID, scan_id: UUID, deadline_seconds: int) -> None:
         """Count a submission and record its owner; raise 429 when the key is over either limit.
@@ -88,19 +100,19 @@ class Limiter:
         window = int(now // 60)
         try:
             verdict, retry = await self._batch.submit(
-                [
-                    rate_key(self.prefix, owner, window),
-                    active_key(self.prefix, owner),
-                    owner_key(self.prefix, task_id),
-                    now,
-                    self.per_minute,
-                    self.max_active,
-                    str(task_id),
-                    now + deadline_seconds,
-                    61 - int(now % 60),
-                    owner_value(owner, scan_id),
-                    self.owner_ttl,
-                ]
+                (
+                    [
+                        rate_key(self.prefix, owner, window),
+                        active_key(self.prefix, owner),
+                        owner_key(self.prefix, task_id),
+                    ],
+                    [
+                        str(task_id),
+                        now + deadline_seconds,
+                        61 - int(now % 60),
+                        owner_value(owner, scan_id),
+                    ],
+                )
             )
         except (RedisError, OSError) as exc:
             log.warning("rate limiter unavailable, admitting: %r", exc)

@@ -47,13 +47,21 @@ MAX_IDEMPOTENCY_KEY = 255
 SCAN_STATES = ("queued", "running", "completed", "failed", "revoked")
 
 
-def accepted_response(row: ScanRow, port_count: int, *, replayed: bool = False) -> Response:
+def accepted_response(
+    task_id: UUID,
+    scan_id: UUID,
+    target: str,
+    priority: str,
+    port_count: int,
+    *,
+    replayed: bool = False,
+) -> Response:
     body = ScanAccepted(
-        task_id=row.task_id,
-        scan_id=row.id,
-        message=f"Scan of {row.target} ({port_count} ports) queued with {row.priority} priority",
+        task_id=task_id,
+        scan_id=scan_id,
+        message=f"Scan of {target} ({port_count} ports) queued with {priority} priority",
     )
-    headers = {"Location": f"/api/scan/{row.task_id}"}
+    headers = {"Location": f"/api/scan/{task_id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     return ORJSONResponse(body.model_dump(mode="json"), status_code=202, headers=headers)
@@ -76,7 +84,7 @@ async def replay(
             "Idempotency-Key was already used with a different request",
             field="Idempotency-Key",
         )
-    return accepted_response(row, ports, replayed=True)
+    return accepted_response(row.task_id, row.id, row.target, row.priority, ports, replayed=True)
 
 
 async def submit_scan(request: Request) -> Response:
@@ -121,7 +129,7 @@ async def submit_scan(request: Request) -> Response:
     )
     await svc.limiter.admit(owner, task_id, scan_id, hard_limit)
     try:
-        row = await svc.store.insert(
+        inserted = await svc.store.insert(
             scan_id=scan_id,
             task_id=task_id,
             target=scan.target,
@@ -137,7 +145,7 @@ async def submit_scan(request: Request) -> Response:
         log.warning("cannot record scan: %r", exc)
         await svc.limiter.release(owner, task_id)
         raise db_unavailable() from None
-    if row is None:
+    if not inserted:
         # A concurrent request with the same Idempotency-Key won the insert.
         await svc.limiter.release(owner, task_id)
         assert idempotency_key is not None
@@ -160,7 +168,7 @@ async def submit_scan(request: Request) -> Response:
         # message finds no row and drops it.
         await _forget(request, owner, scan_id, task_id)
         raise ApiError(503, "broker unavailable", headers={"Retry-After": "5"}) from None
-    return accepted_response(row, len(parsed.ports))
+    return accepted_response(task_id, scan_id, scan.target, scan.priority, len(parsed.ports))
 
 
 async def _cached(request: Request, owner: UUID, cache_key: bytes) -> Response | None:
