@@ -93,17 +93,20 @@ async def submit_scan(request: Request) -> Response:
     data = await read_json(request, svc.settings.max_request_bytes)
     parsed = ParsedScan(validate_model(ScanRequest, data), svc.settings)
     scan = parsed.scan
-    fingerprint = parsed.fingerprint()
+    # Both keys are computed only when used: each is a model dump and a hash per request.
+    fingerprint = b""
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is not None:
         if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
             raise ApiError(422, "Idempotency-Key must be 1-255 characters", field="Idempotency-Key")
+        fingerprint = parsed.fingerprint()
         earlier = await replay(request, owner, idempotency_key, fingerprint, len(parsed.ports))
         if earlier is not None:
             return earlier
 
-    cache_key = parsed.cache_key()
-    if svc.settings.result_cache_ttl and not scan.force:
+    # Recorded only while the cache is on: turned on later, it starts empty, as caches do.
+    cache_key = parsed.cache_key() if svc.settings.result_cache_ttl else None
+    if cache_key is not None and not scan.force:
         cached = await _cached(request, owner, cache_key)
         if cached is not None:
             return cached
