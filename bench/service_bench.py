@@ -286,16 +286,7 @@ async def bench_gateway(bench: Bench) -> Table:
     usage_ours: dict[str, Any] = {}
     usage_cgw: dict[str, Any] = {}
     for _ in range(plan.rounds):
-        sent, seconds = await msgs.publish_pipelined(
-            settings.broker_url,
-            raw_queue,
-            raw_dead,
-            msgs.raw_scan_message,
-            inflight=plan.raw_inflight,
-            limit=200_000,
-            duration=secs,
-        )
-        raw_rates.append(sent / seconds)
+        raw_rates.append(await raw_rate(bench, raw_queue, raw_dead, secs))
         await purge_all()
         meter = CpuMeter({"api": api.pid})
         meter.start()
@@ -357,43 +348,37 @@ async def bench_gateway(bench: Bench) -> Table:
         per_s(fixed_ours["rate"]),
         per_s(fixed_cgw["rate"]),
     )
-    floor = await thin_gateway(bench, plan.connections, secs, raw_queue, raw_dead)
+    thin = settings.model_copy(update={"api_port": free_port()})
+    child = stack.start("thin-gateway", ["-m", "bench._thin_gateway"], settings_env(thin))
+    try:
+        await wait_http(child, f"http://127.0.0.1:{thin.api_port}/api/scan", 405)
+        floor, floor_raw = await against_raw(bench, thin.api_port, raw_queue, raw_dead)
+    finally:
+        stack.stop(child)
     table.add(
         "floor: Starlette endpoint that only parses and publishes",
-        per_s(floor["rate"]),
-        f"raw {per_s(floor['raw'])}",
-        f"{floor['rate'] / floor['raw']:.2f}x",
+        per_s(floor),
+        f"raw {per_s(floor_raw)}",
+        f"{floor / floor_raw:.2f}x",
     )
     table.add(
         "floor vs the Celery send_task gateway",
-        per_s(floor["rate"]),
+        per_s(floor),
         per_s(cgw_rate),
-        f"{floor['rate'] / cgw_rate:.2f}x",
+        f"{floor / cgw_rate:.2f}x",
     )
     if not plan.quick:
         quiet = settings.model_copy(update={"log_level": "WARNING", "api_port": free_port()})
         quiet_api = await stack.start_api(quiet)
-        await bench.loadgen(quiet.api_port, seconds=1.0, connections=n)
-        await purge_all()
-        quiet_raw, quiet_secs = await msgs.publish_pipelined(
-            settings.broker_url,
-            raw_queue,
-            raw_dead,
-            msgs.raw_scan_message,
-            inflight=plan.raw_inflight,
-            limit=200_000,
-            duration=secs,
-        )
-        await purge_all()
-        quiet_report = await bench.loadgen(quiet.api_port, seconds=secs, connections=n)
-        await purge_all()
-        stack.stop(quiet_api)
-        quiet_ref = quiet_raw / quiet_secs
+        try:
+            quiet_rate, quiet_raw = await against_raw(bench, quiet.api_port, raw_queue, raw_dead)
+        finally:
+            stack.stop(quiet_api)
         table.add(
             "diagnostic: ours with LOG_LEVEL=WARNING",
-            per_s(quiet_report["rate"]),
-            per_s(quiet_ref),
-            f"{quiet_report['rate'] / quiet_ref:.2f}x",
+            per_s(quiet_rate),
+            per_s(quiet_raw),
+            f"{quiet_rate / quiet_raw:.2f}x",
         )
     table.notes += [
         f"rounds {plan.rounds} x {secs:.0f}s, medians; raw = aio-pika on one channel, "
@@ -409,32 +394,33 @@ async def bench_gateway(bench: Bench) -> Table:
     return table
 
 
-async def thin_gateway(
-    bench: Bench, connections: int, seconds: float, raw_queue: str, raw_dead: str
-) -> dict[str, float]:
-    """``bench._thin_gateway`` at saturation, and raw publishing right before it."""
-    stack, settings = bench.stack, bench.settings
-    thin = settings.model_copy(update={"api_port": free_port()})
-    child = stack.start("thin-gateway", ["-m", "bench._thin_gateway"], settings_env(thin))
-    try:
-        await wait_http(child, f"http://127.0.0.1:{thin.api_port}/api/scan", 405)
-        await bench.loadgen(thin.api_port, seconds=1.0, connections=connections)
-        await msgs.purge(settings.broker_url, settings.scan_queue, raw_queue)
-        sent, took = await msgs.publish_pipelined(
-            settings.broker_url,
-            raw_queue,
-            raw_dead,
-            msgs.raw_scan_message,
-            inflight=bench.plan.raw_inflight,
-            limit=200_000,
-            duration=seconds,
-        )
-        await msgs.purge(settings.broker_url, raw_queue)
-        report = await bench.loadgen(thin.api_port, seconds=seconds, connections=connections)
-        await msgs.purge(settings.broker_url, settings.scan_queue)
-    finally:
-        stack.stop(child)
-    return {"rate": float(report["rate"]), "raw": sent / took}
+async def raw_rate(bench: Bench, queue: str, dead: str, seconds: float) -> float:
+    """Messages/s of raw pipelined aio-pika publishing to ``queue`` for ``seconds``."""
+    sent, took = await msgs.publish_pipelined(
+        bench.settings.broker_url,
+        queue,
+        dead,
+        msgs.raw_scan_message,
+        inflight=bench.plan.raw_inflight,
+        limit=200_000,
+        duration=seconds,
+    )
+    return sent / took
+
+
+async def against_raw(
+    bench: Bench, port: int, raw_queue: str, raw_dead: str
+) -> tuple[float, float]:
+    """(requests/s, raw messages/s): a gateway on ``port`` at saturation, right after raw
+    publishing, once each, the gateway warmed first."""
+    plan, url, queue = bench.plan, bench.settings.broker_url, bench.settings.scan_queue
+    await bench.loadgen(port, seconds=1.0, connections=plan.connections)
+    await msgs.purge(url, queue, raw_queue)
+    raw = await raw_rate(bench, raw_queue, raw_dead, plan.load_seconds)
+    await msgs.purge(url, raw_queue)
+    report = await bench.loadgen(port, seconds=plan.load_seconds, connections=plan.connections)
+    await msgs.purge(url, queue)
+    return float(report["rate"]), raw
 
 
 # --- 2. workers ----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from shared.diff import ScanDiff
+from shared.exports import address_key
 from shared.schemas import PortResult, ScanResult
 
 EXIT_USAGE: Final = 2
@@ -279,7 +280,7 @@ def _model(model: type[M], data: Any, what: str) -> M:
 def result_table(result: ScanResult) -> Table:
     open_ports = sorted(
         (p for p in result.open_ports if p.state == "open"),
-        key=lambda p: (_address_key(p.address or ""), p.port),
+        key=lambda p: (address_key(p.address or ""), p.port),
     )
     table = Table(
         title=f"{result.target}: {len(open_ports)} open of {result.total_ports_scanned} ports",
@@ -375,14 +376,6 @@ def status_table(status: Mapping[str, Any]) -> Table:
         if value is not None:
             grid.add_row(name, Text(str(value)))
     return grid
-
-
-def _address_key(address: str) -> tuple[int, int, str]:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return (9, 0, address)
-    return (ip.version, int(ip), "")
 
 
 class LiveProgress:

@@ -219,7 +219,7 @@ def _open_ports(result: ScanResult) -> Iterator[tuple[str, PortResult]]:
     addresses = _addresses(result)
     default = addresses[0] if addresses else result.target
     rows = [(port.address or default, port) for port in result.open_ports if port.state == "open"]
-    rows.sort(key=lambda row: (_address_key(row[0]), row[1].port))
+    rows.sort(key=lambda row: (address_key(row[0]), row[1].port))
     yield from rows
 
 
@@ -235,7 +235,8 @@ def _addresses(result: ScanResult) -> list[str]:
         return []
 
 
-def _address_key(address: str) -> tuple[int, int, str]:
+def address_key(address: str) -> tuple[int, int, str]:
+    """Sorts addresses numerically, IPv4 before IPv6, anything else (a name) after both."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

@@ -7,7 +7,6 @@ carry one random id, so two runs never collide, and everything is removed at the
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import socket
 import subprocess
@@ -25,6 +24,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from bench._stack import free_port, settings_env
 from shared.migrate import drop_database, migrate
 from shared.settings import Settings
 from shared.store import ScanStore, create_pool
@@ -35,18 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Fault tests stop and restart the machine's services: run them after everything else."""
     items[:] = sorted(items, key=lambda item: item.get_closest_marker("faults") is not None)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a child process read exactly these settings."""
-    return {**settings.child_environ(os.environ), "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="session")

@@ -15,29 +15,10 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, cast
 
-from worker_service.engine import (
-    PROGRESS_INTERVAL,
-    SHARD_MIN_PORTS,
-    effective_concurrency,
-    outcome_of,
-    shard_count,
-    sweep_tiers,
-)
+from worker_service.engine import PROGRESS_INTERVAL, outcome_of, sweep_tiers
 
 if TYPE_CHECKING:
     from shared.schemas import PortState
-
-__all__ = [
-    "PROGRESS_INTERVAL",
-    "SHARD_MIN_PORTS",
-    "PortOutcome",
-    "ProgressCallback",
-    "ScanProgressEvent",
-    "effective_concurrency",
-    "scan_blocking",
-    "scan_host",
-    "shard_count",
-]
 
 
 class PortOutcome(NamedTuple):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-import asyncpg
 from starlette.requests import Request
 
 from api_service.errors import ApiError
@@ -13,8 +12,6 @@ from shared.logging import bind_scan
 
 if TYPE_CHECKING:
     from api_service.app import Services
-
-DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
 def services(request: Request) -> Services:

@@ -8,7 +8,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api_service.responses import ORJSONResponse
-from api_service.routes.common import DB_ERRORS, services
+from api_service.routes.common import services
+from api_service.status import DB_ERRORS
 
 
 async def healthz(_request: Request) -> Response:

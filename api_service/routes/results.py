@@ -9,7 +9,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api_service.errors import ApiError
-from api_service.routes.common import DB_ERRORS, caller, db_unavailable, services, task_id_param
+from api_service.routes.common import caller, db_unavailable, services, task_id_param
+from api_service.status import DB_ERRORS
 from shared.diff import diff_results
 from shared.exports import EXPORT_FORMATS, FILE_EXTENSIONS, MEDIA_TYPES, render
 from shared.store import ScanRow

@@ -19,12 +19,12 @@ from api_service.publisher import PublishFailed
 from api_service.requests import ParsedScan, read_json, validate_model
 from api_service.responses import ORJSONResponse
 from api_service.routes.common import (
-    DB_ERRORS,
     caller,
     db_unavailable,
     services,
     task_id_param,
 )
+from api_service.status import DB_ERRORS
 from shared.errors import ResolutionFailed, TargetDenied
 from shared.logging import bind_scan
 from shared.protocol import build_scan_message, time_limits

@@ -5,7 +5,6 @@ scans, so the CLI can be run for real against HTTP before every route exists in 
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from bench._stack import free_port
 from shared.diff import diff_results
 from shared.exports import EXPORT_FORMATS, MEDIA_TYPES, render
 from shared.ports import order_by_tier, parse_port_spec
@@ -338,13 +338,6 @@ async def event_stream(task: Task, state: FakeApi, after: int) -> AsyncIterator[
     else:
         task.error = "OSError: too many open files"
     yield frame("end", task.status())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

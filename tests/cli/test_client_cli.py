@@ -16,11 +16,12 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
+from bench._stack import free_port
 from cybersec_cli import client
 from cybersec_cli.client import SseEvent, parse_sse, resolve_connection
 from shared.diff import ScanDiff
 from shared.schemas import ScanResult
-from tests.cli.conftest import API_KEY, Server, free_port
+from tests.cli.conftest import API_KEY, Server
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from api_service.publisher import AmqpPublisher
+from bench._stack import settings_env
 from shared.keys import KeyStore, hash_key
 from shared.protocol import build_scan_message
 from shared.schemas import ScanConfig, ScanTaskPayload
@@ -30,7 +31,6 @@ from tests.conftest import (
     auth,
     base_url,
     own_stack,
-    settings_env,
     start_worker,
     wait_final,
 )

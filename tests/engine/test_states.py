@@ -12,7 +12,8 @@ import pytest
 
 from tests import needs
 from worker_service import shards
-from worker_service.scanner import ScanProgressEvent, effective_concurrency, scan_host
+from worker_service.engine import effective_concurrency
+from worker_service.scanner import ScanProgressEvent, scan_host
 
 Listeners = Callable[..., list[int]]
 

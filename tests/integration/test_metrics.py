@@ -15,13 +15,13 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from api_service.app import create_app
+from bench._stack import free_port
 from shared.settings import Settings
 from tests.conftest import (
     Process,
     auth,
     base_url,
     delete_queues,
-    free_port,
     start_api,
     start_worker,
     variant,
