@@ -187,11 +187,13 @@ class ScanStore:
             return exc
 
     async def cached(self, owner: UUID, cache_key: bytes, max_age: int) -> ScanRow | None:
-        """The owner's newest completed scan with this cache key, finished within max_age s."""
+        """The owner's newest completed scan with this cache key, if it finished within
+        max_age s. Newest by creation: that walk of ``scans_cache_idx`` stops at the first
+        completed row, however many older runs of the same request there are."""
         record = await self.pool.fetchrow(
-            "SELECT * FROM scans WHERE api_key_id = $1 AND cache_key = $2"
-            " AND state = 'completed' AND finished_at > now() - make_interval(secs => $3)"
-            " ORDER BY finished_at DESC LIMIT 1",
+            "SELECT * FROM (SELECT * FROM scans WHERE api_key_id = $1 AND cache_key = $2"
+            " AND state = 'completed' ORDER BY created_at DESC LIMIT 1) AS newest"
+            " WHERE finished_at > now() - make_interval(secs => $3)",
             owner,
             cache_key,
             float(max_age),
