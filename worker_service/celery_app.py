@@ -25,7 +25,8 @@ def make_celery(settings: Settings) -> Celery:
         broker_url=settings.broker_url,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        result_backend=settings.redis_url,
+        # Celery's Redis backend; a scan's last event writes ride on its final state.
+        result_backend=f"worker_service.backend:ScanResultBackend+{settings.redis_url}",
         result_backend_transport_options={
             "global_keyprefix": settings.redis_prefix,
             # Fail fast while Redis is away: PostgreSQL holds every result, and a worker stuck

@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 import asyncpg
+from redis.client import Pipeline
 
 from shared.errors import InvalidScan, PermanentError
 from shared.ports import order_by_tier, parse_port_spec
@@ -21,6 +22,7 @@ from shared.resolve import resolve_target
 from shared.schemas import PortResult, ScanConfig, ScanProgress, ScanResult, ScanTaskPayload
 from shared.store import ScanRow, ScanStore
 from shared.targets import parse_target
+from worker_service.backend import Rider
 from worker_service.fingerprint import ServiceInfo, identify, registered_name
 from worker_service.reporting import EventLog, ProgressReporter
 from worker_service.runtime import WorkerRuntime
@@ -348,5 +350,17 @@ class ScanJob:
 
     def finish(self, state: str) -> None:
         """Tell stream readers the scan ended and give the key its active slot back."""
-        owner = self.row.api_key_id if self.row is not None else None
-        self.events.write(("end", {"state": state}), release=owner)
+        self.events.write(("end", {"state": state}), release=self._owner)
+
+    def final_writes(self) -> Rider:
+        """What :meth:`finish` writes, to be sent with the task's final state instead."""
+        owner = self._owner
+
+        def add(pipe: Pipeline, state: str) -> None:
+            self.events.add_to(pipe, ("end", {"state": state}), release=owner)
+
+        return add
+
+    @property
+    def _owner(self) -> UUID | None:
+        return self.row.api_key_id if self.row is not None else None

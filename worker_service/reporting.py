@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from shared.redis_keys import active_key, events_key
@@ -49,14 +50,9 @@ class EventLog:
             if release is not None:
                 self._release(release)
             return False
-        batch = (*self._held, *events)
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                for kind, data in batch:
-                    pipe.xadd(self.key, encode_event(kind, data), maxlen=STREAM_MAXLEN)  # type: ignore[arg-type]
-                pipe.expire(self.key, self.ttl)
-                if release is not None:
-                    pipe.zrem(active_key(self.prefix, release), self.task_id)
+                self.add_to(pipe, *events, release=release)
                 pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("scan %s: progress not written, Redis unavailable: %r", self.task_id, exc)
@@ -66,6 +62,16 @@ class EventLog:
             return False
         self._held.clear()
         return True
+
+    def add_to(
+        self, pipe: Pipeline, *events: tuple[EventKind, object], release: Any = None
+    ) -> None:
+        """Queue on ``pipe`` what :meth:`write` sends: held events, ``events``, the release."""
+        for kind, data in (*self._held, *events):
+            pipe.xadd(self.key, encode_event(kind, data), maxlen=STREAM_MAXLEN)  # type: ignore[arg-type]
+        pipe.expire(self.key, self.ttl)
+        if release is not None:
+            pipe.zrem(active_key(self.prefix, release), self.task_id)
 
     def _release(self, owner: Any) -> None:
         try:

@@ -20,6 +20,7 @@ from shared.schemas import ScanProgress, ScanResult, ScanTaskPayload
 from shared.settings import Settings
 from shared.store import ScanRow
 from shared.targets import network_hosts, parse_target
+from worker_service.backend import ScanResultBackend
 from worker_service.guard import GuardedRequest
 from worker_service.job import (
     MAX_RETRIES,
@@ -118,7 +119,11 @@ def register_tasks(app: Celery) -> None:
             if self.request.retries >= MAX_RETRIES:
                 _end_failed(runtime, run, f"gave up after {MAX_RETRIES} retries: {exc!r}")
             raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
-        run.finish(states.SUCCESS)
+        if isinstance(self.backend, ScanResultBackend):
+            # The end event and the slot release go out with the SUCCESS Celery stores next.
+            self.backend.ride(str(self.request.id), run.final_writes())
+        else:
+            run.finish(states.SUCCESS)
         return result.model_dump(mode="json")
 
 

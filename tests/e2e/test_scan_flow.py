@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 from uuid import UUID
 
 import httpx
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from shared.redis_keys import result_key
+from shared.redis_keys import active_key, events_key, result_key
 from shared.settings import Settings
 from shared.store import ScanStore
 
@@ -132,3 +134,39 @@ def test_unknown_task_is_404(client: httpx.Client) -> None:
         response = client.get(f"/api/scan/{task_id}")
         assert response.status_code == 404
         assert response.json()["error"]["code"] == "not_found"
+
+
+async def test_a_finished_scan_ends_its_stream_and_frees_its_slot_with_its_success(
+    aclient: httpx.AsyncClient,
+    worker: object,
+    settings: Settings,
+    store: ScanStore,
+    redis_client: aioredis.Redis,
+) -> None:
+    """The end event and the slot release ride on the SUCCESS the worker stores: once the
+    state is SUCCESS, both are there (one MULTI/EXEC), and neither came before it."""
+    response = await aclient.post("/api/scan", json={"target": "127.0.0.1", "ports": "1"})
+    assert response.status_code == 202, response.text
+    task_id = response.json()["task_id"]
+    row = await store.get_by_task(UUID(task_id))
+    assert row is not None
+    assert row.api_key_id is not None
+    active = active_key(settings.redis_prefix, row.api_key_id)
+    events = events_key(settings.redis_prefix, task_id)
+    seen: list[tuple[bool, bool, bool]] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        async with redis_client.pipeline(transaction=True) as pipe:
+            pipe.get(result_key(settings.redis_prefix, task_id))
+            pipe.xrevrange(events, count=1)
+            pipe.zscore(active, task_id)
+            meta, last, slot = await pipe.execute()
+        succeeded = meta is not None and orjson.loads(meta)["status"] == "SUCCESS"
+        ended = bool(last) and last[0][1][b"kind"] == b"end"
+        seen.append((succeeded, ended, slot is None))
+        if succeeded:
+            break
+        await asyncio.sleep(0.01)
+    assert seen[-1] == (True, True, True), seen
+    assert all(state in {(False, False, False), (True, True, True)} for state in seen), seen
+    assert orjson.loads(last[0][1][b"data"]) == {"state": "SUCCESS"}
