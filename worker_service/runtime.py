@@ -44,7 +44,14 @@ class WorkerRuntime:
         """The process's store; the pool is opened lazily so a database outage is retryable."""
         if self._store is None:
             pool = await create_pool(self.settings.database_url, max_size=2)
-            self._store = ScanStore(pool)
+            try:
+                relaxed = await create_pool(
+                    self.settings.database_url, max_size=1, wait_for_flush=False
+                )
+            except BaseException:
+                await pool.close()
+                raise
+            self._store = ScanStore(pool, relaxed=relaxed)
         return self._store
 
     def cancel_pending(self) -> None:
@@ -57,10 +64,11 @@ class WorkerRuntime:
 
     def close(self) -> None:
         if self._store is not None:
-            try:
-                self.loop.run_until_complete(asyncio.wait_for(self._store.pool.close(), timeout=5))
-            except (TimeoutError, OSError) as exc:
-                log.warning("closing the database pool failed: %s", exc)
+            for pool in (self._store.relaxed, self._store.pool):
+                try:
+                    self.loop.run_until_complete(asyncio.wait_for(pool.close(), timeout=5))
+                except (TimeoutError, OSError) as exc:
+                    log.warning("closing a database pool failed: %s", exc)
             self._store = None
         if self._redis is not None:
             self._redis.close()

@@ -7,7 +7,9 @@ from typing import Any, cast
 from uuid import uuid4
 
 from shared.schemas import PortResult, ScanConfig, ScanResult
+from shared.settings import Settings
 from shared.store import ScanStore, create_pool
+from worker_service.runtime import WorkerRuntime
 
 
 async def test_running_and_completed_writes_are_hot_updates(database: str) -> None:
@@ -59,3 +61,19 @@ async def test_running_and_completed_writes_are_hot_updates(database: str) -> No
         await transaction.rollback()  # leaves no row behind
         await pool.release(conn)
         await pool.close()
+
+
+def test_a_worker_marks_scans_running_without_waiting_for_the_disk(
+    database: str, settings: Settings
+) -> None:
+    """A worker's store commits the start of a delivery with ``synchronous_commit = off`` and
+    every other write, the result above all, with the server's default (on)."""
+    runtime = WorkerRuntime(settings)
+    try:
+        store = runtime.run(runtime.store())
+        assert store.relaxed is not store.pool
+        show = "SELECT current_setting('synchronous_commit')"
+        assert runtime.run(store.relaxed.fetchval(show)) == "off"
+        assert runtime.run(store.pool.fetchval(show)) == "on"
+    finally:
+        runtime.close()
