@@ -199,11 +199,14 @@ class ScanStore:
 
     async def cached(self, owner: UUID, cache_key: bytes, max_age: int) -> ScanRow | None:
         """The owner's newest completed scan with this cache key, if it finished within
-        max_age s. Newest by creation: that walk of ``scans_cache_idx`` stops at the first
-        completed row, however many older runs of the same request there are."""
+        max_age s. Newest by creation: the walk of ``scans_cache_idx`` stops at the first
+        completed row, and goes back no further than a day before max_age (a scan that waited
+        longer than that in the queue is not served from the cache; it costs a rescan)."""
         record = await self.pool.fetchrow(
             "SELECT * FROM (SELECT * FROM scans WHERE api_key_id = $1 AND cache_key = $2"
-            " AND state = 'completed' ORDER BY created_at DESC LIMIT 1) AS newest"
+            " AND state = 'completed'"
+            " AND created_at > now() - make_interval(secs => $3) - interval '1 day'"
+            " ORDER BY created_at DESC LIMIT 1) AS newest"
             " WHERE finished_at > now() - make_interval(secs => $3)",
             owner,
             cache_key,
@@ -314,10 +317,12 @@ class ScanStore:
     async def complete(self, result: ScanResult) -> None:
         await self.pool.execute(
             "UPDATE scans SET state = 'completed', progress = 100, result = $2, error = NULL,"
-            " finished_at = $3 WHERE id = $1 AND state IN ('queued', 'running', 'completed')",
+            " finished_at = $3, started_at = COALESCE(started_at, $4)"
+            " WHERE id = $1 AND state IN ('queued', 'running', 'completed')",
             result.scan_id,
             result.model_dump(mode="json"),
             result.finished_at,
+            result.started_at,
         )
 
     async def revoke(self, result: ScanResult) -> None:

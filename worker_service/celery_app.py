@@ -38,6 +38,9 @@ def make_celery(settings: Settings) -> Celery:
                 "interval_max": 1,
             },
         },
+        # Celery's defaults wait 120 s on a Redis that accepts and then hangs.
+        redis_socket_timeout=5.0,
+        redis_socket_connect_timeout=5.0,
         result_expires=settings.result_ttl,
         result_extended=False,
         task_serializer=codec.CODEC_NAME,

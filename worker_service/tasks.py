@@ -11,6 +11,7 @@ from uuid import UUID
 
 from celery import Celery, Task, states
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
+from celery.signals import task_postrun
 from pydantic import ValidationError
 
 from shared.errors import InvalidScan, PermanentError
@@ -125,6 +126,13 @@ def register_tasks(app: Celery) -> None:
         else:
             run.finish(states.SUCCESS)
         return result.model_dump(mode="json")
+
+    def settle(task_id: str, task: Task[Any, Any], state: str | None = None, **_: Any) -> None:
+        """After the task's own run, whatever was stored: the rider no SUCCESS carried."""
+        if isinstance(task.backend, ScanResultBackend):
+            task.backend.settle(task_id, state or states.FAILURE)
+
+    task_postrun.connect(settle, sender=scan, weak=False)
 
 
 def register_shard_tasks(app: Celery) -> None:

@@ -2,6 +2,8 @@
 -- started_at, finished_at, progress and result; while any index covered one of them, every
 -- write added an entry to each of the table's seven indexes. With no index on an updated
 -- column, and room left on each page, PostgreSQL makes them HOT updates: no index entries.
+-- Like every migration it runs in one transaction: on a large table, apply it when few scans
+-- are submitted, as ``scans`` is locked while the new index is built.
 
 -- No query reads these two: listings go by owner (scans_owner_idx).
 DROP INDEX IF EXISTS scans_state_idx;

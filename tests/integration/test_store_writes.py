@@ -57,6 +57,11 @@ async def test_running_and_completed_writes_are_hot_updates(database: str) -> No
         )
         assert counts is not None
         assert (counts["updated"], counts["hot"]) == (2, 2)
+        # Room for those versions on pages that other rows have filled since.
+        options = await conn.fetchval(
+            "SELECT reloptions FROM pg_class WHERE oid = 'scans'::regclass"
+        )
+        assert "fillfactor=80" in options
     finally:
         await transaction.rollback()  # leaves no row behind
         await pool.release(conn)

@@ -1,0 +1,170 @@
+"""A scan's last Redis writes ride on the SUCCESS Celery stores, against the real Redis."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from uuid import uuid4
+
+import orjson
+import pytest
+import redis
+from celery import states
+from redis.client import Pipeline
+
+from bench._stack import free_port
+from shared.redis_keys import active_key, events_key, result_key
+from shared.settings import Settings
+from worker_service.backend import ScanResultBackend
+from worker_service.celery_app import make_celery
+from worker_service.reporting import EventLog
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[redis.Redis]:
+    connection = redis.Redis.from_url(settings.redis_url)
+    yield connection
+    connection.close()
+
+
+def backend_for(settings: Settings) -> ScanResultBackend:
+    backend = make_celery(settings).backend
+    assert isinstance(backend, ScanResultBackend)
+    return backend
+
+
+class Scan:
+    """A finishing scan's ids, its slot in its key's active set, and its end-of-scan rider."""
+
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        self.task_id = str(uuid4())
+        self.owner = uuid4()
+        self.prefix = settings.redis_prefix
+        self.client = client
+        self.events = EventLog(client, self.prefix, self.task_id, 60)
+        client.zadd(active_key(self.prefix, self.owner), {self.task_id: time.time() + 60})
+
+    def rider(self, pipe: Pipeline, state: str) -> None:
+        self.events.add_to(pipe, ("end", {"state": state}), release=self.owner)
+
+    def holds_slot(self) -> bool:
+        return self.client.zscore(active_key(self.prefix, self.owner), self.task_id) is not None
+
+    def ends(self) -> list[Any]:
+        entries: list[Any] = self.client.xrange(events_key(self.prefix, self.task_id)) or []
+        return [orjson.loads(fields[b"data"]) for _id, fields in entries]
+
+    def stored_state(self) -> str | None:
+        meta = self.client.get(result_key(self.prefix, self.task_id))
+        return None if meta is None else str(orjson.loads(meta)["status"])
+
+
+class Monitor:
+    """Every command Redis executes while open (MONITOR), until a marker is echoed."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.seen: list[dict[str, Any]] = []
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        with self.client.monitor() as monitor:  # type: ignore[no-untyped-call]
+            for info in monitor.listen():
+                self.seen.append(info)
+                if info["command"] == "ECHO monitor-done":
+                    return
+
+    def __enter__(self) -> Monitor:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not any(i["command"] == "ECHO monitor-ready" for i in self.seen):
+            assert time.monotonic() < deadline, "MONITOR never started"
+            self.client.echo("monitor-ready")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.client.echo("monitor-done")
+        self._thread.join(10)
+
+    def commands_of(self, port: str) -> list[str]:
+        return [i["command"] for i in self.seen if i["client_port"] == port]
+
+
+def test_success_carries_the_end_event_and_slot_release_in_one_transaction(
+    settings: Settings, client: redis.Redis
+) -> None:
+    backend = backend_for(settings)
+    scan = Scan(settings, client)
+    meta_key = result_key(settings.redis_prefix, scan.task_id)
+    with Monitor(client) as monitor:
+        backend.ride(scan.task_id, scan.rider)
+        backend.store_result(scan.task_id, {"open_ports": []}, states.SUCCESS)
+    stored = [i for i in monitor.seen if i["command"].startswith(f"SET {meta_key} ")]
+    assert len(stored) == 1
+    assert stored[0]["command"].endswith(f" EX {settings.result_ttl}")
+    names = [c.split(" ", 1)[0] for c in monitor.commands_of(stored[0]["client_port"])]
+    assert names[names.index("MULTI") :] == [
+        "MULTI",
+        "SET",
+        "PUBLISH",
+        "XADD",
+        "EXPIRE",
+        "ZREM",
+        "EXEC",
+    ]
+    assert not any(i["command"] == f"GET {meta_key}" for i in monitor.seen)
+    assert scan.stored_state() == "SUCCESS"
+    assert scan.ends() == [{"state": "SUCCESS"}]
+    assert not scan.holds_slot()
+    backend.settle(scan.task_id, states.SUCCESS)  # already carried: nothing more is sent
+    assert scan.ends() == [{"state": "SUCCESS"}]
+
+
+def test_a_rider_the_success_could_not_carry_is_sent_at_settle(
+    settings: Settings, client: redis.Redis
+) -> None:
+    backend = backend_for(settings)
+    scan = Scan(settings, client)
+    calls: list[str] = []
+
+    def dropped_once(pipe: Pipeline, state: str) -> None:
+        calls.append(state)
+        if len(calls) == 1:
+            raise redis.ConnectionError("connection dropped while writing")
+        scan.rider(pipe, state)
+
+    backend.ride(scan.task_id, dropped_once)
+    with pytest.raises(redis.ConnectionError):
+        backend.store_result(scan.task_id, {"open_ports": []}, states.SUCCESS)
+    assert calls == ["SUCCESS"]  # one attempt: a Redis that is away fails the store fast
+    assert scan.stored_state() is None
+    assert scan.holds_slot()
+
+    backend.settle(scan.task_id, states.FAILURE)
+    assert scan.ends() == [{"state": "FAILURE"}]
+    assert not scan.holds_slot()
+    backend.settle(scan.task_id, states.FAILURE)
+    assert calls == ["SUCCESS", "FAILURE"]
+
+
+def test_settle_without_redis_logs_and_goes_on(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    away = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    backend = backend_for(away)
+    task_id = str(uuid4())
+    sent: list[str] = []
+
+    def rider(pipe: Pipeline, state: str) -> None:
+        sent.append(state)
+        pipe.xadd(f"{settings.redis_prefix}events:{task_id}", {"kind": "end"})
+
+    backend.ride(task_id, rider)
+    with caplog.at_level(logging.WARNING, logger="worker_service.backend"):
+        backend.settle(task_id, states.SUCCESS)
+    assert sent == ["SUCCESS"]
+    assert f"task {task_id}: end event and slot release not written" in caplog.text
