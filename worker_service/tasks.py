@@ -120,19 +120,21 @@ def register_tasks(app: Celery) -> None:
             if self.request.retries >= MAX_RETRIES:
                 _end_failed(runtime, run, f"gave up after {MAX_RETRIES} retries: {exc!r}")
             raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
-        if isinstance(self.backend, ScanResultBackend):
-            # The end event and the slot release go out with the SUCCESS Celery stores next.
-            self.backend.ride(str(self.request.id), run.final_writes())
-        else:
-            run.finish(states.SUCCESS)
+        # The end event and the slot release go out with the SUCCESS Celery stores next.
+        _backend(self).ride(str(self.request.id), run.final_writes())
         return result.model_dump(mode="json")
 
     def settle(task_id: str, task: Task[Any, Any], state: str | None = None, **_: Any) -> None:
         """After the task's own run, whatever was stored: the rider no SUCCESS carried."""
-        if isinstance(task.backend, ScanResultBackend):
-            task.backend.settle(task_id, state or states.FAILURE)
+        _backend(task).settle(task_id, state or states.FAILURE)
 
     task_postrun.connect(settle, sender=scan, weak=False)
+
+
+def _backend(task: Task[Any, Any]) -> ScanResultBackend:
+    backend = task.backend
+    assert isinstance(backend, ScanResultBackend), "make_celery configures it"
+    return backend
 
 
 def register_shard_tasks(app: Celery) -> None:

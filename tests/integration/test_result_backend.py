@@ -161,7 +161,7 @@ def test_settle_without_redis_logs_and_goes_on(
 
     def rider(pipe: Pipeline, state: str) -> None:
         sent.append(state)
-        pipe.xadd(f"{settings.redis_prefix}events:{task_id}", {"kind": "end"})
+        pipe.xadd(events_key(settings.redis_prefix, task_id), {"kind": "end"})
 
     backend.ride(task_id, rider)
     with caplog.at_level(logging.WARNING, logger="worker_service.backend"):
