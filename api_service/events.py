@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -54,6 +55,8 @@ async def scan_event_stream(
             entries = reply[0][1] if reply else []
         except (RedisError, OSError) as exc:
             log.debug("event stream unavailable: %r", exc)
+            # A failed read returns at once: wait as long as a blocking read would have.
+            await asyncio.sleep(BLOCK_MS / 1000)
         for entry_id, fields in entries:
             last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
             kind = fields[b"kind"].decode()

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from api_service.errors import ApiError
 from shared.ports import PortSpecError, parse_port_spec
@@ -22,13 +22,17 @@ async def read_json(request: Request, limit: int) -> Any:
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, "send the body as application/json")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"body is larger than {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > limit:
-            raise ApiError(413, f"body is larger than {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise ApiError(413, f"body is larger than {limit} bytes")
+    except ClientDisconnect:
+        # Nobody will read the answer; a client error, not a server one, for logs and metrics.
+        raise ApiError(400, "the client left before sending the whole body") from None
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:

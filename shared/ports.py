@@ -44,7 +44,7 @@ def parse_port_spec(spec: str) -> list[int]:
 
 def _port(text: str, spec: str) -> int:
     text = text.strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # isdigit alone admits "²" and "٨٠"
         raise PortSpecError(f"{text!r} in {spec!r} is not a port number")
     value = int(text)
     if not MIN_PORT <= value <= MAX_PORT:

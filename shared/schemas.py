@@ -9,7 +9,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.ports import format_port_spec, parse_port_spec
-from shared.targets import parse_target
+from shared.targets import MAX_HOSTS_LIMIT, parse_target
 
 Priority = Literal["low", "normal", "high", "critical"]
 PortState = Literal["open", "closed", "filtered"]
@@ -44,7 +44,8 @@ class ScanRequest(_Strict):
     @field_validator("target")
     @classmethod
     def _target(cls, value: str) -> str:
-        return parse_target(value).value
+        # Only the form here: the configured bound on networks is ParsedScan's to apply.
+        return parse_target(value, max_hosts=MAX_HOSTS_LIMIT).value
 
     @field_validator("ports")
     @classmethod

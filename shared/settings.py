@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.targets import MAX_HOSTS_LIMIT
+
 ENV_PREFIX = "CYBERSEC_"
 
 
@@ -37,9 +39,10 @@ class Settings(BaseSettings):
     """Seconds the gateway waits for the broker's confirm before answering 503."""
     max_request_bytes: int = Field(default=65_536, ge=1024)
     max_ports: int = Field(default=65_535, ge=1, le=65_535)
-    max_hosts: int = Field(default=256, ge=1, le=65_536)
+    max_hosts: int = Field(default=256, ge=1, le=MAX_HOSTS_LIMIT)
     """Largest number of addresses one scan may cover (a /24 by default)."""
-    max_concurrency: int = Field(default=5_000, ge=1)
+    max_concurrency: int = Field(default=5_000, ge=1, le=20_000)
+    """Highest ``config.max_concurrent`` accepted; the request schema's own bound is 20000."""
     db_pool_size: int = Field(default=10, ge=1)
     worker_concurrency: int = Field(default=2, ge=1)
     shutdown_timeout: int = Field(default=20, ge=1, le=600)

@@ -10,8 +10,12 @@ from typing import Literal
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+"""An IPv6 zone: an interface name (at most 15 characters on Linux) or index."""
 DEFAULT_MAX_HOSTS = 256
+MAX_HOSTS_LIMIT = 65_536
+"""The most addresses any configuration may allow in one scan (``CYBERSEC_MAX_HOSTS``)."""
 
 
 class TargetError(ValueError):
@@ -30,6 +34,9 @@ def parse_target(text: str, *, max_hosts: int = DEFAULT_MAX_HOSTS) -> Target:
     raw = text.strip()
     if not raw:
         raise TargetError("target is empty")
+    _, percent, zone = raw.partition("%")
+    if percent and not _ZONE.fullmatch(zone.partition("/")[0]):
+        raise TargetError(f"{raw!r} has a zone that is not an interface name")
     try:
         return Target("ip", str(ipaddress.ip_address(raw)))
     except ValueError:
@@ -46,7 +53,7 @@ def parse_target(text: str, *, max_hosts: int = DEFAULT_MAX_HOSTS) -> Target:
         return Target("network", str(network))
     name = raw.lower().removesuffix(".")
     labels = name.split(".")
-    if len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         raise TargetError(f"{raw!r} is neither an IP address nor a hostname")
     if labels[-1].isdigit():
         raise TargetError(f"{raw!r} is neither an IP address nor a hostname")

@@ -6,7 +6,7 @@ import base64
 import binascii
 import hashlib
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
 from starlette.requests import Request
@@ -40,6 +40,7 @@ from shared.schemas import (
     ScanTaskPayload,
 )
 from shared.store import ScanRow
+from shared.targets import MAX_HOSTS_LIMIT, TargetError, parse_target
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +220,12 @@ def _decode_cursor(cursor: str) -> tuple[datetime, UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, _, ident = raw.partition("|")
-        return datetime.fromisoformat(created), UUID(ident)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None:
+            raise ValueError("naive cursor time")
+        # In UTC, as PostgreSQL compares it: a time near datetime's ends overflows here, not there.
+        return when.astimezone(UTC), UUID(ident)
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise ApiError(422, "cursor is not one this API gave out", field="cursor") from None
 
 
@@ -232,13 +237,21 @@ async def list_scans(request: Request) -> Response:
         name = sorted(unknown)[0]
         raise ApiError(422, f"{name}: unknown query parameter", field=name)
     limit_text = query.get("limit", "50")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 200:
+    digits = limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 3
+    if not digits or not 1 <= int(limit_text) <= 200:
         raise ApiError(422, "limit must be an integer from 1 to 200", field="limit")
     state = query.get("state")
     if state is not None and state not in SCAN_STATES:
         raise ApiError(422, f"state must be one of {', '.join(SCAN_STATES)}", field="state")
     cursor = query.get("cursor")
     before = _decode_cursor(cursor) if cursor else None
+    target = query.get("target")
+    if target is not None:
+        # Stored targets are canonical; so is the filter, and what is no target is a 422.
+        try:
+            target = parse_target(target, max_hosts=MAX_HOSTS_LIMIT).value
+        except TargetError as exc:
+            raise ApiError(422, f"target: {exc}", field="target") from None
     limit = int(limit_text)
     try:
         rows = await services(request).store.list(
@@ -246,7 +259,7 @@ async def list_scans(request: Request) -> Response:
             limit=limit + 1,
             before=before,
             state=state,  # type: ignore[arg-type]
-            target=query.get("target"),
+            target=target,
         )
     except DB_ERRORS:
         raise db_unavailable() from None
@@ -320,15 +333,30 @@ async def scan_events(request: Request) -> Response:
     )
 
 
+_STREAM_ID_PART_MAX = 2**64 - 1
+
+
+async def scan_resource(request: Request) -> Response:
+    if request.method == "DELETE":
+        return await cancel_scan(request)
+    return await scan_status(request)
+
+
 def _valid_stream_id(text: str) -> bool:
-    first, _, second = text.partition("-")
-    return first.isdigit() and (second == "" or second.isdigit()) and len(text) <= 41
+    """``<ms>`` or ``<ms>-<seq>``, each an unsigned 64-bit number: what Redis accepts in XREAD."""
+    parts = text.split("-")
+    return len(parts) <= 2 and all(_stream_id_part(part) for part in parts)
+
+
+def _stream_id_part(part: str) -> bool:
+    digits = 0 < len(part) <= 20 and part.isascii() and part.isdigit()
+    return digits and int(part) <= _STREAM_ID_PART_MAX
 
 
 routes = [
     Route("/api/scan", submit_scan, methods=["POST"]),
     Route("/api/scans", list_scans, methods=["GET"]),
-    Route("/api/scan/{task_id}", scan_status, methods=["GET"]),
-    Route("/api/scan/{task_id}", cancel_scan, methods=["DELETE"]),
+    # One route for both methods, so a 405 on this path lists them all in its Allow header.
+    Route("/api/scan/{task_id}", scan_resource, methods=["GET", "DELETE"]),
     Route("/api/scan/{task_id}/events", scan_events, methods=["GET"]),
 ]

@@ -3,7 +3,10 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from api_service.errors import ApiError
+from api_service.requests import ParsedScan
 from shared.schemas import ScanRequest
+from shared.settings import Settings
 
 
 def test_defaults_and_canonical_values() -> None:
@@ -30,3 +33,17 @@ def test_defaults_and_canonical_values() -> None:
 def test_rejects(body: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         ScanRequest.model_validate(body)
+
+
+def test_the_configured_host_bound_applies_above_the_default() -> None:
+    request = ScanRequest.model_validate({"target": "10.0.0.0/23", "ports": "80"})
+    wide = ParsedScan(request, Settings(max_hosts=1024))
+    assert wide.hosts == 510
+    with pytest.raises(ApiError, match="the bound is 256") as refused:
+        ParsedScan(request, Settings())
+    assert refused.value.status == 422
+
+
+def test_concurrency_setting_cannot_exceed_what_a_request_may_ask() -> None:
+    with pytest.raises(ValidationError):
+        Settings(max_concurrency=30_000)

@@ -17,6 +17,8 @@ from shared.targets import TargetError, parse_target
         ("127.0.0.0/30", "network", "127.0.0.0/30"),
         ("127.0.0.5/30", "network", "127.0.0.4/30"),
         ("::1/128", "network", "::1/128"),
+        ("fe80::1%eth0", "ip", "fe80::1%eth0"),
+        ("fe80::1%2", "ip", "fe80::1%2"),
     ],
 )
 def test_parse(text: str, kind: str, value: str) -> None:
@@ -38,6 +40,12 @@ def test_parse(text: str, kind: str, value: str) -> None:
         "10.0.0.0/33",
         "foo/24",
         "under_score.example",
+        "localhost\n.x",
+        "::1%a b",
+        "::1%lo\nx",
+        "::1%\u00e9",
+        "::1%" + "x" * 16,
+        "::1%\u0000/128",
     ],
 )
 def test_rejects(text: str) -> None:
