@@ -60,7 +60,7 @@ class GuardedConsumer(Consumer):
         settings: Settings = self.app.conf.cybersec_settings
         try:
             asyncio.run(_fail(settings.database_url, task_id, reason))
-        except (OSError, asyncpg.PostgresError, TimeoutError, ValueError) as exc:
+        except Exception as exc:  # in the consumer itself: nothing may escape to its loop
             log.warning("could not mark scan of task %s failed: %r", task_id, exc)
 
 
@@ -72,6 +72,7 @@ async def _fail(dsn: str, task_id: str, reason: str) -> None:
             " WHERE task_id = $1 AND state IN ('queued', 'running')",
             UUID(str(task_id)),
             reason,
+            timeout=3,
         )
     finally:
         await conn.close()

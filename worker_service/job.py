@@ -182,6 +182,10 @@ class ScanJob:
             return row.result  # a redelivery of a scan that already finished
         if row.state != "running":
             raise ScanSkipped(row.state)
+        if row.cancel_requested:
+            # Cancelled while it was running nowhere: its worker was lost, or it waited out a
+            # retry's countdown. Nothing is probed now.
+            raise ScanCancelled(self._not_started())
         target = parse_target(self.job.target, max_hosts=self.settings.max_hosts)
         addresses = await resolve_target(
             target, self.runtime.policy, timeout=self.settings.resolve_timeout
@@ -314,6 +318,21 @@ class ScanJob:
             return {}
         self.reporter.announce(f"Identifying services on {len(ports)} open ports", "services")
         return await identify_services(address, ports, self.job.config)
+
+    def _not_started(self) -> ScanResult:
+        now = datetime.now(UTC)
+        return ScanResult(
+            scan_id=self.job.scan_id,
+            target=self.job.target,
+            ports=self.job.ports,
+            total_ports_scanned=0,
+            open_ports=[],
+            status="revoked",
+            progress=0,
+            started_at=now,
+            finished_at=now,
+            duration_seconds=0.0,
+        )
 
     @property
     def _partial(self) -> ScanResult:

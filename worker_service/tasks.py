@@ -62,17 +62,22 @@ def register_tasks(app: Celery) -> None:
             task_id = UUID(str(self.request.id))
             with contextlib.suppress(*TRANSIENT_ERRORS):
                 runtime.run(_fail_task(runtime, task_id, reason))
-            self.backend.mark_as_failure(str(self.request.id), InvalidScan(reason))
+            with contextlib.suppress(Exception):  # Redis away: the dead-letter queue still gets it
+                self.backend.mark_as_failure(str(self.request.id), InvalidScan(reason))
             raise Reject(reason, requeue=False) from None
 
+        # Bound now: a progress event of this scan that the loop runs only after it returned
+        # (the engine's last one, after a cancel) must not land on the next task's state.
+        own_id = str(self.request.id)
+
         def update_state(progress: ScanProgress) -> None:
-            self.update_state(state="PROGRESS", meta=progress.model_dump(mode="json"))
+            self.update_state(own_id, state="PROGRESS", meta=progress.model_dump(mode="json"))
 
         def publish_result(result: ScanResult) -> None:
             with contextlib.suppress(Exception):
                 # Not SUCCESS: Celery would then ack a redelivered message whose worker died
                 # before the database write landed, and the durable record would be lost.
-                self.update_state(state=STORING, meta=result.model_dump(mode="json"))
+                self.update_state(own_id, state=STORING, meta=result.model_dump(mode="json"))
 
         run = ScanJob(runtime, job, str(self.request.id), update_state, publish_result)
         try:
@@ -110,7 +115,8 @@ def register_tasks(app: Celery) -> None:
             raise Ignore() from None
         except PoisonMessage as exc:
             _end_failed(runtime, run, str(exc))
-            self.backend.mark_as_failure(str(self.request.id), exc, request=self.request)
+            with contextlib.suppress(Exception):  # Redis away: the dead-letter queue still gets it
+                self.backend.mark_as_failure(str(self.request.id), exc, request=self.request)
             raise Reject(str(exc), requeue=False) from None
         except PermanentError as exc:
             _end_failed(runtime, run, str(exc))
@@ -120,6 +126,12 @@ def register_tasks(app: Celery) -> None:
             if self.request.retries >= MAX_RETRIES:
                 _end_failed(runtime, run, f"gave up after {MAX_RETRIES} retries: {exc!r}")
             raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
+        except Exception as exc:
+            # Anything unforeseen (an error the kernel or the database reports, a shard process
+            # gone) ends the scan failed with a reason, rather than acked and 'running' forever.
+            log.exception("scan %s: unexpected error", job.scan_id)
+            _end_failed(runtime, run, UNEXPECTED)
+            raise InvalidScan(UNEXPECTED) from exc
         # The end event and the slot release go out with the SUCCESS Celery stores next.
         _backend(self).ride(str(self.request.id), run.final_writes())
         return result.model_dump(mode="json")
@@ -129,6 +141,9 @@ def register_tasks(app: Celery) -> None:
         _backend(task).settle(task_id, state or states.FAILURE)
 
     task_postrun.connect(settle, sender=scan, weak=False)
+
+
+UNEXPECTED = "the worker met an unexpected error (its log has the details)"
 
 
 def _backend(task: Task[Any, Any]) -> ScanResultBackend:
@@ -182,6 +197,9 @@ def register_shard_tasks(app: Celery) -> None:
                     "scanned": 0,
                 }
             raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
+        except Exception:
+            log.exception("shard %d of %s: unexpected error", index, parent_task_id)
+            return {"error": UNEXPECTED, "open": [], "closed": 0, "filtered": 0, "scanned": 0}
 
     @app.task(name=MERGE_TASK, bind=True, max_retries=MAX_RETRIES, ignore_result=True)
     def scan_merge(
@@ -204,15 +222,24 @@ def register_shard_tasks(app: Celery) -> None:
             setattr(self.request, OUTCOME_ATTRIBUTE, "failure")
             return
         result = runtime.run(merge_shards(job, shards, addresses, datetime.fromisoformat(started)))
+        try:
+            if result.status == "revoked":
+                runtime.run(run.with_db(lambda store: store.revoke(result)))
+            else:
+                runtime.run(run.with_db(lambda store: store.complete(result)))
+        except TRANSIENT_ERRORS as exc:
+            # The shards' outcomes travel in this message: a retry merges them again.
+            if self.request.retries >= MAX_RETRIES:
+                _end_failed(runtime, run, f"gave up after {MAX_RETRIES} retries: {exc!r}")
+                raise
+            raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
         if result.status == "revoked":
-            runtime.run(run.with_db(lambda store: store.revoke(result)))
             self.backend.store_result(
                 parent_task_id, result.model_dump(mode="json"), states.REVOKED
             )
             run.finish(states.REVOKED)
             setattr(self.request, OUTCOME_ATTRIBUTE, "revoked")
             return
-        runtime.run(run.with_db(lambda store: store.complete(result)))
         self.backend.store_result(parent_task_id, result.model_dump(mode="json"), states.SUCCESS)
         run.finish(states.SUCCESS)
 

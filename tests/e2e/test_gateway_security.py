@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -262,6 +263,52 @@ def test_cancelled_queued_scan_never_starts_even_on_a_later_worker(
         assert row["started_at"] is None
         assert row["result"] is None
         assert client.get(f"/api/scan/{task_id}").json()["state"] == "REVOKED"
+
+
+def test_cancel_between_deliveries_sends_no_probe(
+    limited: tuple[Settings, str], run_dir: Path
+) -> None:
+    """A scan whose worker was lost reads 'running' while its message waits for the next
+    delivery; a cancel then is answered 'Cancelling', and that delivery must not probe."""
+    limited_settings, url = limited
+    with (
+        socket.create_server(("127.0.0.1", 0)) as server,
+        httpx.Client(base_url=url, headers=auth(limited_settings.api_keys[3])) as client,
+    ):
+        server.setblocking(False)
+        port = server.getsockname()[1]
+        task_id = submit(client, ports=str(port)).json()["task_id"]
+        asyncio.run(_as_if_its_worker_was_lost(limited_settings, UUID(task_id)))
+        cancelling = client.delete(f"/api/scan/{task_id}")
+        assert cancelling.status_code == 202, cancelling.text
+        assert cancelling.json()["status"] == "Cancelling"
+
+        worker = start_worker(limited_settings, run_dir / "worker-limited-2.log", concurrency=1)
+        try:
+            deadline = time.monotonic() + 30
+            row = asyncio.run(_row(limited_settings, UUID(task_id)))
+            while row["state"] == "running" and time.monotonic() < deadline:
+                time.sleep(0.1)
+                row = asyncio.run(_row(limited_settings, UUID(task_id)))
+        finally:
+            worker.stop()
+        assert row["state"] == "revoked", worker.output()[-3000:]
+        assert row["attempts"] == 2
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nothing ever connected to the scanned port
+        assert client.get(f"/api/scan/{task_id}").json()["state"] == "REVOKED"
+
+
+async def _as_if_its_worker_was_lost(settings: Settings, task_id: UUID) -> None:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(
+            "UPDATE scans SET state = 'running', attempts = 1, started_at = now()"
+            " WHERE task_id = $1",
+            task_id,
+        )
+    finally:
+        await conn.close()
 
 
 async def _row(settings: Settings, task_id: UUID) -> asyncpg.Record:

@@ -77,3 +77,34 @@ async def test_published_message_runs_on_a_celery_worker(
     assert [p["port"] for p in value["open_ports"]] == [port]
     assert value["scan_id"] == str(scan_id)
     assert value["total_ports_scanned"] == 3
+
+
+async def test_an_unforeseen_error_fails_the_scan_with_a_reason(
+    publisher: AmqpPublisher, worker: object, store: ScanStore, stock_celery: Celery
+) -> None:
+    """A message published around the gateway, whose port spec the worker cannot parse: the
+    task must end FAILURE and the row 'failed', not acked with the row 'running' forever."""
+    scan_id, task_id = uuid4(), uuid4()
+    config = ScanConfig(timeout=1.0, max_concurrent=10)
+    await store.insert(
+        scan_id=scan_id,
+        task_id=task_id,
+        target="127.0.0.1",
+        ports="1",
+        config=config,
+        priority="high",
+    )
+    payload = ScanTaskPayload(
+        scan_id=scan_id, target="127.0.0.1", ports="not ports", config=config, priority="high"
+    )
+    await publisher.publish(build_scan_message(task_id, payload, port_count=1))
+
+    result: AsyncResult[dict[str, Any]] = AsyncResult(str(task_id), app=stock_celery)
+    with pytest.raises(Exception, match="unexpected error"):
+        await asyncio.to_thread(result.get, timeout=30)
+    assert result.state == "FAILURE"
+    row = await store.get(scan_id)
+    assert row is not None
+    assert row.state == "failed"
+    assert row.error is not None
+    assert "unexpected error" in row.error
