@@ -6,7 +6,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from celery import Celery
@@ -46,6 +46,20 @@ def stock_celery(settings: Settings) -> Iterator[Celery]:
     app.close()
 
 
+async def record(
+    store: ScanStore, payload: ScanTaskPayload, task_id: UUID, *, ports: str | None = None
+) -> None:
+    """The row the gateway writes before it publishes ``payload``."""
+    await store.insert(
+        scan_id=payload.scan_id,
+        task_id=task_id,
+        target=payload.target,
+        ports=ports or payload.ports,
+        config=payload.config,
+        priority=payload.priority,
+    )
+
+
 async def test_published_message_runs_on_a_celery_worker(
     publisher: AmqpPublisher, worker: object, store: ScanStore, stock_celery: Celery
 ) -> None:
@@ -54,17 +68,10 @@ async def test_published_message_runs_on_a_celery_worker(
         spec = f"{port - 1}-{port + 1}"
         scan_id, task_id = uuid4(), uuid4()
         config = ScanConfig(timeout=1.0, max_concurrent=10)
-        await store.insert(
-            scan_id=scan_id,
-            task_id=task_id,
-            target="127.0.0.1",
-            ports=spec,
-            config=config,
-            priority="critical",
-        )
         payload = ScanTaskPayload(
             scan_id=scan_id, target="127.0.0.1", ports=spec, config=config, priority="critical"
         )
+        await record(store, payload, task_id)
         message = build_scan_message(task_id, payload, port_count=len(parse_port_spec(spec)))
         assert message.headers["task"] == SCAN_TASK
         assert message.priority == PRIORITIES["critical"]
@@ -86,17 +93,10 @@ async def test_an_unforeseen_error_fails_the_scan_with_a_reason(
     task must end FAILURE and the row 'failed', not acked with the row 'running' forever."""
     scan_id, task_id = uuid4(), uuid4()
     config = ScanConfig(timeout=1.0, max_concurrent=10)
-    await store.insert(
-        scan_id=scan_id,
-        task_id=task_id,
-        target="127.0.0.1",
-        ports="1",
-        config=config,
-        priority="high",
-    )
     payload = ScanTaskPayload(
         scan_id=scan_id, target="127.0.0.1", ports="not ports", config=config, priority="high"
     )
+    await record(store, payload, task_id, ports="1")
     await publisher.publish(build_scan_message(task_id, payload, port_count=1))
 
     result: AsyncResult[dict[str, Any]] = AsyncResult(str(task_id), app=stock_celery)
