@@ -189,14 +189,20 @@ async def run_shard(
 
 
 async def merge_shards(
-    job: ScanTaskPayload, shards: list[dict[str, Any]], addresses: list[str], started: datetime
+    job: ScanTaskPayload,
+    shards: list[dict[str, Any]],
+    addresses: list[str],
+    started: datetime,
+    *,
+    cancel_requested: bool = False,
 ) -> ScanResult:
-    """One result from the shards' outcomes, with services identified on the open ports."""
+    """One result from the shards' outcomes, with services identified on the open ports
+    unless the scan was cancelled (then it is a revoked result of what the shards found)."""
     by_address: dict[str, list[tuple[int, str]]] = {}
     for shard in shards:
         for address, port, reason in shard["open"]:
             by_address.setdefault(address, []).append((port, reason))
-    cancelled = any(shard.get("cancelled") for shard in shards)
+    cancelled = cancel_requested or any(shard.get("cancelled") for shard in shards)
     open_ports: list[PortResult] = []
     for address, found in sorted(by_address.items()):
         found = sorted(set(found))

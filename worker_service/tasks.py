@@ -221,7 +221,15 @@ def register_shard_tasks(app: Celery) -> None:
             self.backend.mark_as_failure(parent_task_id, InvalidScan("; ".join(errors)))
             setattr(self.request, OUTCOME_ATTRIBUTE, "failure")
             return
-        result = runtime.run(merge_shards(job, shards, addresses, datetime.fromisoformat(started)))
+        # A cancel that came after the shards finished still wins: identification, the merge's
+        # own probing, is skipped, and one that came during it turns the result revoked.
+        cancel = run.row is not None and run.row.cancel_requested
+        began = datetime.fromisoformat(started)
+        result = runtime.run(merge_shards(job, shards, addresses, began, cancel_requested=cancel))
+        if result.status == "completed":
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                if runtime.run(_cancel_requested(runtime, job.scan_id)):
+                    result = result.model_copy(update={"status": "revoked"})
         try:
             if result.status == "revoked":
                 runtime.run(run.with_db(lambda store: store.revoke(result)))
@@ -254,6 +262,11 @@ def _address_count(job: ScanTaskPayload, shard_addresses: list[str]) -> int:
 async def _row(runtime: WorkerRuntime, scan_id: UUID) -> ScanRow | None:
     store = await runtime.store()
     return await store.get(scan_id)
+
+
+async def _cancel_requested(runtime: WorkerRuntime, scan_id: UUID) -> bool:
+    store = await runtime.store()
+    return await store.cancel_requested(scan_id)
 
 
 async def _fail_task(runtime: WorkerRuntime, task_id: UUID, reason: str) -> None:

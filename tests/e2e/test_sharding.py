@@ -107,3 +107,28 @@ def test_sharded_scan_can_be_cancelled(
     assert final["result"]["status"] == "revoked"
     # Stopped before the silent port's 20 s timeout could settle it.
     assert final["result"]["total_ports_scanned"] < 201
+
+
+def test_cancel_after_the_shards_finished_still_revokes(
+    sharding_api: str, api_key: str, listeners: list[int]
+) -> None:
+    """Shards of closed ports finish in milliseconds, before their first cancel check; the
+    merge, which would identify the open ports for up to 3 s, must honour the cancel."""
+    low = min(listeners) - 60
+    with httpx.Client(base_url=sharding_api, headers=auth(api_key), timeout=10) as client:
+        task_id = client.post(
+            "/api/scan",
+            json={"target": "127.0.0.1", "ports": f"{low}-{low + 199}", "config": {"timeout": 2.0}},
+        ).json()["task_id"]
+        deadline = time.monotonic() + 20
+        while client.get(f"/api/scan/{task_id}").json()["state"] not in ("STARTED", "PROGRESS"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        cancelling = client.delete(f"/api/scan/{task_id}")
+        assert cancelling.status_code == 202, cancelling.text
+        final = follow(client, task_id, timeout=30)[-1]
+    assert final["state"] == "REVOKED", final
+    result = final["result"]
+    assert result["status"] == "revoked"
+    assert [p["port"] for p in result["open_ports"]] == listeners
+    assert all(p.get("banner") is None for p in result["open_ports"])
