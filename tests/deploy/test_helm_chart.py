@@ -262,11 +262,12 @@ def test_rendered_environment_parses_as_settings(
 
 
 def test_large_numbers_reach_the_environment_as_integers(monkeypatch: pytest.MonkeyPatch) -> None:
-    rendered = render({"config": {"resultTtl": 2_592_000, "maxConcurrency": 10_000_000}})
+    rendered = render({"config": {"resultTtl": 2_592_000, "maxHosts": 65_536}})
     env = rendered.container_env("worker")
     assert env["CYBERSEC_RESULT_TTL"] == "2592000"
-    assert env["CYBERSEC_MAX_CONCURRENCY"] == "10000000"
-    assert load_settings(monkeypatch, env).result_ttl == 2_592_000
+    assert env["CYBERSEC_MAX_HOSTS"] == "65536"
+    settings = load_settings(monkeypatch, env)
+    assert (settings.result_ttl, settings.max_hosts) == (2_592_000, 65_536)
 
 
 # --- scaling -------------------------------------------------------------------------------
