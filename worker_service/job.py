@@ -156,8 +156,12 @@ class ScanJob:
         task_id: str,
         update_state: Callable[[ScanProgress], None],
         publish_result: Callable[[ScanResult], None],
+        *,
+        retries: int = 0,
     ) -> None:
         self.runtime = runtime
+        self.retries = retries
+        """Deliveries of this scan that were Celery's own retries, not a lost worker's."""
         self.settings = runtime.settings
         self.job = job
         self.events = EventLog(
@@ -166,17 +170,24 @@ class ScanJob:
         self.update_state = update_state
         self.publish_result = publish_result
         self.row: ScanRow | None = None
+        self.result: ScanResult | None = None
+        """The scan's result once it has one, while it is being stored."""
+        self.waited = 0.0
+        """Seconds this delivery waited for PostgreSQL before the scan could start."""
 
     async def run(self) -> ScanResult:
+        began = time.monotonic()
         store = await self._wait_for_database()
         row = await self._with_db_retry(lambda: store.mark_running(self.job.scan_id))
+        self.waited = time.monotonic() - began
         if row is None:
             raise InvalidScan(f"scan {self.job.scan_id} was never accepted by the gateway")
         self.row = row
-        if row.attempts > MAX_DELIVERIES and row.state == "running":
+        lost = row.attempts - 1 - self.retries  # earlier deliveries that ended with no retry
+        if lost >= MAX_DELIVERIES and row.state == "running":
             raise PoisonMessage(
-                f"delivered {row.attempts - 1} times without finishing (each time its worker "
-                "was lost); moved to the dead-letter queue"
+                f"delivered {lost} times without finishing (each time its worker was lost); "
+                "moved to the dead-letter queue"
             )
         if row.state == "completed" and row.result is not None:
             return row.result  # a redelivery of a scan that already finished
@@ -212,15 +223,20 @@ class ScanJob:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+        self.result = result
         await self._store_result(store, result)
         return result
 
     async def _wait_for_database(self) -> ScanStore:
         return await self._with_db_retry(self.runtime.store)
 
-    async def _with_db_retry(self, action: Callable[[], Awaitable[T]]) -> T:
-        """Run a database call, retrying with backoff and jitter for ``db_retry_seconds``."""
-        deadline = time.monotonic() + self.settings.db_retry_seconds
+    async def _with_db_retry(
+        self, action: Callable[[], Awaitable[T]], *, deadline: float | None = None
+    ) -> T:
+        """Run a database call, retrying with backoff and jitter until ``deadline`` (monotonic;
+        by default ``db_retry_seconds`` from now)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.db_retry_seconds
         attempt = 0
         while True:
             try:
@@ -362,10 +378,16 @@ class ScanJob:
             duration_seconds=round(time.monotonic() - self.clock, 6),
         )
 
-    async def with_db(self, write: Callable[[ScanStore], Awaitable[None]]) -> None:
-        """A final write to PostgreSQL, retried while the database is away."""
-        store = await self._wait_for_database()
-        await self._with_db_retry(lambda: write(store))
+    async def with_db(
+        self, write: Callable[[ScanStore], Awaitable[None]], *, seconds: float | None = None
+    ) -> None:
+        """A final write to PostgreSQL, retried while the database is away: for
+        ``db_retry_seconds``, or ``seconds`` when given."""
+        deadline = time.monotonic() + (
+            self.settings.db_retry_seconds if seconds is None else seconds
+        )
+        store = await self._with_db_retry(self.runtime.store, deadline=deadline)
+        await self._with_db_retry(lambda: write(store), deadline=deadline)
 
     def finish(self, state: str) -> None:
         """Tell stream readers the scan ended and give the key its active slot back."""

@@ -79,15 +79,20 @@ def register_tasks(app: Celery) -> None:
                 # before the database write landed, and the durable record would be lost.
                 self.update_state(own_id, state=STORING, meta=result.model_dump(mode="json"))
 
-        run = ScanJob(runtime, job, str(self.request.id), update_state, publish_result)
+        run = ScanJob(
+            runtime,
+            job,
+            own_id,
+            update_state,
+            publish_result,
+            retries=self.request.retries or 0,
+        )
         try:
             result = runtime.run(run.run())
         except SoftTimeLimitExceeded:
             runtime.cancel_pending()
             limits = self.request.timelimit or (None, None)
-            reason = f"time limit exceeded ({limits[1]} s)"
-            _end_failed(runtime, run, reason)
-            raise InvalidScan(reason) from None
+            result = _after_soft_limit(runtime, run, limits[1])
         except ShardScan as sharded:
             plan = sharded.plan
 
@@ -144,6 +149,46 @@ def register_tasks(app: Celery) -> None:
 
 
 UNEXPECTED = "the worker met an unexpected error (its log has the details)"
+AFTER_SOFT_LIMIT_SECONDS = 10.0
+"""How long a scan past its soft time limit tries to record its end: well within the
+``HARD_LIMIT_MARGIN`` before the hard limit kills its process (and Celery acks the message)."""
+
+
+def _after_soft_limit(runtime: WorkerRuntime, run: ScanJob, soft: float | None) -> ScanResult:
+    """Record the end of a scan past its soft limit; returns its result when it had one.
+
+    A scan that had finished and was storing its result (PostgreSQL away) stores it now. One
+    that had not fails with ``reason``. When PostgreSQL is still away, the message goes back to
+    the queue rather than be acked by the hard limit with the row left 'running'; so does one
+    that spent most of its time waiting for PostgreSQL before it could start: its next
+    delivery has a time limit of its own (and the poison guard bounds how often that recurs).
+    """
+    reason = f"time limit exceeded ({soft} s)"
+    if run.row is None or (soft and run.result is None and run.waited > soft / 2):
+        log.warning("scan %s: %s, waiting for the database: requeued", run.job.scan_id, reason)
+        raise Reject(reason, requeue=True)
+    finished = run.result
+    try:
+        if finished is not None:
+            runtime.run(
+                run.with_db(
+                    lambda store: store.complete(finished), seconds=AFTER_SOFT_LIMIT_SECONDS
+                )
+            )
+            return finished
+        runtime.run(
+            run.with_db(
+                lambda store: store.fail(run.job.scan_id, reason),
+                seconds=AFTER_SOFT_LIMIT_SECONDS,
+            )
+        )
+    except TRANSIENT_ERRORS as exc:
+        log.warning(
+            "scan %s: %s, database unavailable (%r): requeued", run.job.scan_id, reason, exc
+        )
+        raise Reject(reason, requeue=True) from None
+    run.finish(states.FAILURE)
+    raise InvalidScan(reason) from None
 
 
 def _backend(task: Task[Any, Any]) -> ScanResultBackend:

@@ -349,6 +349,55 @@ def test_database_outage_while_scans_finish(
     assert counts["completed"] == 4, counts
 
 
+@pytest.fixture(scope="module")
+def short_stack(settings: Settings, run_dir: Path, database: str) -> Iterator[Stack]:
+    """Scans with a 5 s soft time limit (hard: 35 s), and a database retry far longer."""
+    short = variant(
+        settings,
+        "faults-short",
+        run_dir,
+        max_scan_seconds=5,
+        db_retry_seconds=120,
+        rate_limit_per_minute=100_000,
+        max_active_scans=100_000,
+    )
+    created = Stack(short, run_dir)
+    try:
+        yield created
+    finally:
+        created.stop()
+        asyncio.run(delete_queues(short))
+
+
+def test_database_outage_longer_than_the_time_limit(
+    short_stack: Stack,
+    api_key: str,
+    listeners: list[int],
+    silent_port: int,
+    report: list[dict[str, Any]],
+) -> None:
+    """The scan finishes while PostgreSQL is away, and its time limits pass before it is back:
+    each delivery that meets its soft limit hands the message back instead of waiting for
+    the database until the hard limit kills it (which acks it, the row 'running' for ever)."""
+    batch = Batch(
+        "PostgreSQL away past the time limit",
+        short_stack,
+        api_key,
+        scan_ports(listeners, silent_port),
+        2.0,
+    )
+    batch.submit(1)
+    batch.wait_running(at_least=1)
+    with services.outage(services.stop_postgres, services.start_postgres):
+        time.sleep(45)  # past the first delivery's hard limit (35 s)
+    counts = batch.settle(report)
+    assert_nothing_lost(counts)
+    assert counts["completed"] == 1, (
+        counts,
+        short_stack.worker.output()[-4000:] if short_stack.worker else "",
+    )
+
+
 def test_redis_outage(
     stack: Stack,
     api_key: str,
