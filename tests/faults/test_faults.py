@@ -4,6 +4,7 @@ stated reason; none may be lost or stored twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -77,24 +78,36 @@ class Stack:
         self.api.stop()
 
 
-@pytest.fixture(scope="module")
-def stack(settings: Settings, run_dir: Path, database: str) -> Iterator[Stack]:
-    faults = variant(
+@contextlib.contextmanager
+def fault_stack(settings: Settings, run_dir: Path, name: str, **changes: Any) -> Iterator[Stack]:
+    """A gateway and a worker on settings of their own, without per-key limits."""
+    own = variant(
         settings,
-        "faults",
+        name,
         run_dir,
-        shutdown_timeout=3,
-        db_retry_seconds=120,
-        publish_timeout=2.0,
         rate_limit_per_minute=100_000,
         max_active_scans=100_000,
+        **changes,
     )
-    created = Stack(faults, run_dir)
+    created = Stack(own, run_dir)
     try:
         yield created
     finally:
         created.stop()
-        asyncio.run(delete_queues(faults))
+        asyncio.run(delete_queues(own))
+
+
+@pytest.fixture(scope="module")
+def stack(settings: Settings, run_dir: Path, database: str) -> Iterator[Stack]:
+    with fault_stack(
+        settings,
+        run_dir,
+        "faults",
+        shutdown_timeout=3,
+        db_retry_seconds=120,
+        publish_timeout=2.0,
+    ) as created:
+        yield created
 
 
 def query(settings: Settings, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -352,21 +365,10 @@ def test_database_outage_while_scans_finish(
 @pytest.fixture(scope="module")
 def short_stack(settings: Settings, run_dir: Path, database: str) -> Iterator[Stack]:
     """Scans with a 5 s soft time limit (hard: 35 s), and a database retry far longer."""
-    short = variant(
-        settings,
-        "faults-short",
-        run_dir,
-        max_scan_seconds=5,
-        db_retry_seconds=120,
-        rate_limit_per_minute=100_000,
-        max_active_scans=100_000,
-    )
-    created = Stack(short, run_dir)
-    try:
+    with fault_stack(
+        settings, run_dir, "faults-short", max_scan_seconds=5, db_retry_seconds=120
+    ) as created:
         yield created
-    finally:
-        created.stop()
-        asyncio.run(delete_queues(short))
 
 
 def test_database_outage_longer_than_the_time_limit(
