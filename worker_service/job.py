@@ -47,8 +47,9 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.TooManyConnectionsError,
     asyncpg.InterfaceError,
-    ConnectionError,
-    TimeoutError,
+    # Refused, reset, timed out, and a database host that no longer resolves (a stopped
+    # container's name): all OSError, as the gateway's DB_ERRORS has it.
+    OSError,
 )
 
 

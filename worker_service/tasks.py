@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -19,7 +21,7 @@ from shared.ports import parse_port_spec
 from shared.protocol import MERGE_TASK, SCAN_TASK, SHARD_TASK, STORING
 from shared.schemas import ScanProgress, ScanResult, ScanTaskPayload
 from shared.settings import Settings
-from shared.store import ScanRow
+from shared.store import ScanRow, ScanStore
 from shared.targets import network_hosts, parse_target
 from worker_service.backend import ScanResultBackend
 from worker_service.guard import GuardedRequest
@@ -168,20 +170,17 @@ def _after_soft_limit(runtime: WorkerRuntime, run: ScanJob, soft: float | None) 
         log.warning("scan %s: %s, waiting for the database: requeued", run.job.scan_id, reason)
         raise Reject(reason, requeue=True)
     finished = run.result
+
+    async def record(write: Callable[[ScanStore], Awaitable[None]]) -> None:
+        # Bounded as a whole, a hung connect or query included, not only between attempts.
+        async with asyncio.timeout(AFTER_SOFT_LIMIT_SECONDS):
+            await run.with_db(write, seconds=AFTER_SOFT_LIMIT_SECONDS)
+
     try:
         if finished is not None:
-            runtime.run(
-                run.with_db(
-                    lambda store: store.complete(finished), seconds=AFTER_SOFT_LIMIT_SECONDS
-                )
-            )
+            runtime.run(record(lambda store: store.complete(finished)))
             return finished
-        runtime.run(
-            run.with_db(
-                lambda store: store.fail(run.job.scan_id, reason),
-                seconds=AFTER_SOFT_LIMIT_SECONDS,
-            )
-        )
+        runtime.run(record(lambda store: store.fail(run.job.scan_id, reason)))
     except TRANSIENT_ERRORS as exc:
         log.warning(
             "scan %s: %s, database unavailable (%r): requeued", run.job.scan_id, reason, exc
@@ -262,15 +261,20 @@ def register_shard_tasks(app: Celery) -> None:
             run.row = runtime.run(_row(runtime, job.scan_id))
         errors = sorted({shard["error"] for shard in shards if shard.get("error")})
         if errors:
-            _end_failed(runtime, run, "; ".join(errors))
-            self.backend.mark_as_failure(parent_task_id, InvalidScan("; ".join(errors)))
-            setattr(self.request, OUTCOME_ATTRIBUTE, "failure")
+            _merge_failed(self, runtime, run, parent_task_id, "; ".join(errors))
             return
         # A cancel that came after the shards finished still wins: identification, the merge's
         # own probing, is skipped, and one that came during it turns the result revoked.
         cancel = run.row is not None and run.row.cancel_requested
         began = datetime.fromisoformat(started)
-        result = runtime.run(merge_shards(job, shards, addresses, began, cancel_requested=cancel))
+        try:
+            result = runtime.run(
+                merge_shards(job, shards, addresses, began, cancel_requested=cancel)
+            )
+        except Exception:
+            log.exception("merge of %s: unexpected error", parent_task_id)
+            _merge_failed(self, runtime, run, parent_task_id, UNEXPECTED)
+            return
         if result.status == "completed":
             with contextlib.suppress(*TRANSIENT_ERRORS):
                 if runtime.run(_cancel_requested(runtime, job.scan_id)):
@@ -283,9 +287,19 @@ def register_shard_tasks(app: Celery) -> None:
         except TRANSIENT_ERRORS as exc:
             # The shards' outcomes travel in this message: a retry merges them again.
             if self.request.retries >= MAX_RETRIES:
-                _end_failed(runtime, run, f"gave up after {MAX_RETRIES} retries: {exc!r}")
-                raise
+                _merge_failed(
+                    self,
+                    runtime,
+                    run,
+                    parent_task_id,
+                    f"gave up after {MAX_RETRIES} retries: {exc!r}",
+                )
+                return
             raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
+        except Exception:
+            log.exception("merge of %s: unexpected error", parent_task_id)
+            _merge_failed(self, runtime, run, parent_task_id, UNEXPECTED)
+            return
         if result.status == "revoked":
             self.backend.store_result(
                 parent_task_id, result.model_dump(mode="json"), states.REVOKED
@@ -295,6 +309,16 @@ def register_shard_tasks(app: Celery) -> None:
             return
         self.backend.store_result(parent_task_id, result.model_dump(mode="json"), states.SUCCESS)
         run.finish(states.SUCCESS)
+
+
+def _merge_failed(
+    task: Task[Any, Any], runtime: WorkerRuntime, run: ScanJob, parent_task_id: str, reason: str
+) -> None:
+    """The sharded scan failed: in PostgreSQL, and as the FAILURE of the task clients follow."""
+    _end_failed(runtime, run, reason)
+    with contextlib.suppress(Exception):  # Redis away: PostgreSQL has the failure
+        task.backend.mark_as_failure(parent_task_id, InvalidScan(reason))
+    setattr(task.request, OUTCOME_ATTRIBUTE, "failure")
 
 
 def _address_count(job: ScanTaskPayload, shard_addresses: list[str]) -> int:
@@ -323,8 +347,6 @@ def _end_failed(runtime: WorkerRuntime, run: ScanJob, reason: str) -> None:
     """Record a failure where possible; a database still away must not hide the reason."""
     try:
         runtime.run(run.with_db(lambda store: store.fail(run.job.scan_id, reason)))
-    except TRANSIENT_ERRORS as exc:
-        log.error(
-            "scan %s failed (%s) but the database is unavailable: %r", run.job.scan_id, reason, exc
-        )
+    except Exception as exc:  # its caller reports the failure; the end event must still go out
+        log.error("scan %s failed (%s) but was not recorded: %r", run.job.scan_id, reason, exc)
     run.finish(states.FAILURE)

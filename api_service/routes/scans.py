@@ -237,7 +237,7 @@ async def list_scans(request: Request) -> Response:
         name = sorted(unknown)[0]
         raise ApiError(422, f"{name}: unknown query parameter", field=name)
     limit_text = query.get("limit", "50")
-    digits = limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 3
+    digits = limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 10
     if not digits or not 1 <= int(limit_text) <= 200:
         raise ApiError(422, "limit must be an integer from 1 to 200", field="limit")
     state = query.get("state")

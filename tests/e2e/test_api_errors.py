@@ -171,3 +171,9 @@ def test_client_leaving_mid_body_is_a_client_error(client: httpx.Client, api: st
         time.sleep(0.05)
     assert served("400") == before_400 + 1
     assert served("500") == before_500
+
+
+def test_a_limit_with_leading_zeros_is_still_a_number(client: httpx.Client) -> None:
+    response = client.get("/api/scans?limit=0050")
+    assert response.status_code == 200, response.text
+    assert len(response.json()["items"]) <= 50
