@@ -8,7 +8,7 @@ import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from celery import Celery, Task, states
@@ -21,8 +21,8 @@ from shared.ports import parse_port_spec
 from shared.protocol import MERGE_TASK, SCAN_TASK, SHARD_TASK, STORING
 from shared.schemas import ScanProgress, ScanResult, ScanTaskPayload
 from shared.settings import Settings
-from shared.store import ScanRow, ScanStore
-from shared.targets import network_hosts, parse_target
+from shared.store import ScanStore
+from shared.targets import MAX_HOSTS_LIMIT, network_hosts, parse_target
 from worker_service.backend import ScanResultBackend
 from worker_service.guard import GuardedRequest
 from worker_service.job import (
@@ -40,6 +40,7 @@ from worker_service.runtime import WorkerRuntime, get_runtime
 from worker_service.sharding import ShardProgress, dispatch, merge_shards, run_shard
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def register_tasks(app: Celery) -> None:
@@ -63,7 +64,7 @@ def register_tasks(app: Celery) -> None:
             reason = f"invalid scan payload ({exc.error_count()} errors); dead-lettered"
             task_id = UUID(str(self.request.id))
             with contextlib.suppress(*TRANSIENT_ERRORS):
-                runtime.run(_fail_task(runtime, task_id, reason))
+                runtime.run(_with_store(runtime, lambda store: store.fail_by_task(task_id, reason)))
             with contextlib.suppress(Exception):  # Redis away: the dead-letter queue still gets it
                 self.backend.mark_as_failure(str(self.request.id), InvalidScan(reason))
             raise Reject(reason, requeue=False) from None
@@ -258,7 +259,7 @@ def register_shard_tasks(app: Celery) -> None:
         runtime = get_runtime(settings)
         run = ScanJob(runtime, job, parent_task_id, lambda _p: None, lambda _r: None)
         with contextlib.suppress(*TRANSIENT_ERRORS):
-            run.row = runtime.run(_row(runtime, job.scan_id))
+            run.row = runtime.run(_with_store(runtime, lambda store: store.get(job.scan_id)))
         errors = sorted({shard["error"] for shard in shards if shard.get("error")})
         if errors:
             _merge_failed(self, runtime, run, parent_task_id, "; ".join(errors))
@@ -277,7 +278,9 @@ def register_shard_tasks(app: Celery) -> None:
             return
         if result.status == "completed":
             with contextlib.suppress(*TRANSIENT_ERRORS):
-                if runtime.run(_cancel_requested(runtime, job.scan_id)):
+                if runtime.run(
+                    _with_store(runtime, lambda store: store.cancel_requested(job.scan_id))
+                ):
                     result = result.model_copy(update={"status": "revoked"})
         try:
             if result.status == "revoked":
@@ -322,25 +325,15 @@ def _merge_failed(
 
 
 def _address_count(job: ScanTaskPayload, shard_addresses: list[str]) -> int:
-    target = parse_target(job.target, max_hosts=65_536)
+    target = parse_target(job.target, max_hosts=MAX_HOSTS_LIMIT)
     if target.kind == "network":
         return len(network_hosts(ipaddress.ip_network(target.value)))
     return len(shard_addresses)
 
 
-async def _row(runtime: WorkerRuntime, scan_id: UUID) -> ScanRow | None:
-    store = await runtime.store()
-    return await store.get(scan_id)
-
-
-async def _cancel_requested(runtime: WorkerRuntime, scan_id: UUID) -> bool:
-    store = await runtime.store()
-    return await store.cancel_requested(scan_id)
-
-
-async def _fail_task(runtime: WorkerRuntime, task_id: UUID, reason: str) -> None:
-    store = await runtime.store()
-    await store.fail_by_task(task_id, reason)
+async def _with_store(runtime: WorkerRuntime, call: Callable[[ScanStore], Awaitable[T]]) -> T:
+    """One call on this process's store, outside a scan's own retries."""
+    return await call(await runtime.store())
 
 
 def _end_failed(runtime: WorkerRuntime, run: ScanJob, reason: str) -> None:

@@ -333,13 +333,13 @@ async def scan_events(request: Request) -> Response:
     )
 
 
-_STREAM_ID_PART_MAX = 2**64 - 1
-
-
 async def scan_resource(request: Request) -> Response:
     if request.method == "DELETE":
         return await cancel_scan(request)
     return await scan_status(request)
+
+
+_STREAM_ID_PART_MAX = 2**64 - 1
 
 
 def _valid_stream_id(text: str) -> bool:
