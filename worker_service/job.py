@@ -23,10 +23,16 @@ from shared.schemas import PortResult, ScanConfig, ScanProgress, ScanResult, Sca
 from shared.store import ScanRow, ScanStore
 from shared.targets import parse_target
 from worker_service.backend import Rider
-from worker_service.fingerprint import ServiceInfo, identify, registered_name
+from worker_service.probe.identify import ServiceInfo, identify, registered_name
+from worker_service.probe.runner import (
+    HostsResult,
+    ScanProgressEvent,
+    hosts_results,
+    probe_limits,
+    scan_hosts,
+)
 from worker_service.reporting import EventLog, ProgressReporter
 from worker_service.runtime import WorkerRuntime
-from worker_service.scanner import PortOutcome, ScanProgressEvent, scan_blocking, scan_host
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,11 +42,6 @@ IDENTIFY_CONCURRENCY = 64
 IDENTIFY_MIN_SECONDS = 1.0
 IDENTIFY_MAX_SECONDS = 3.0
 CANCEL_POLL_SECONDS = 0.5
-INLINE_MAX_PORTS = 16
-INLINE_MAX_SECONDS = 1.0
-"""A one-address scan of at most 16 ports that cannot take longer than 1 s sweeps on the loop's
-own thread: the executor round trip would cost a 1-port scan more than the sweep does. The loop
-has nothing else to serve meanwhile but the cancel check, which then waits at most that long."""
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,
     # A server shutting down or starting up: admin shutdown, crash, "cannot connect now".
@@ -276,58 +277,36 @@ class ScanJob:
         )
         self.open: list[PortResult] = []
         self.closed = self.filtered = 0
-        for address in addresses:
-            self.reporter.start_host(address)
-            outcomes = await self._sweep(address, ports)
-            self.reporter.finish_host(len(outcomes))
+        self.found: HostsResult | None = None
+        found = await scan_hosts(
+            addresses, ports, self.job.config, self._report, limits=probe_limits(self.settings)
+        )
+        self.reporter.finish_host(found.scanned)
+        self.found = found
+        for host in found.hosts:
+            outcomes = found.outcomes.get(host.address, [])
             open_ports = [o for o in outcomes if o.state == "open"]
-            services = await self._identify(address, [o.port for o in open_ports])
+            services = {}
+            if not host.tarpit:
+                services = await self._identify(host.address, [o.port for o in open_ports])
             for outcome in open_ports:
                 info = services.get(outcome.port)
-                self.open.append(port_result(address, outcome.port, outcome.reason, info))
-            for outcome in outcomes:
-                if outcome.state == "open":
-                    continue
-                if outcome.state == "closed":
-                    self.closed += 1
-                else:
-                    self.filtered += 1
-        return self._result("completed", self.reporter.total)
+                self.open.append(port_result(host.address, outcome.port, outcome.reason, info))
+            self.closed += sum(1 for o in outcomes if o.state == "closed")
+            self.filtered += sum(1 for o in outcomes if o.state == "filtered")
+        return self._result("completed", found.scanned)
 
-    def _inline(self, ports: list[int]) -> bool:
-        config = self.job.config
-        rounds = -(-len(ports) // max(1, min(config.max_concurrent, len(ports))))
-        return (
-            len(self.addresses) == 1
-            and len(ports) <= INLINE_MAX_PORTS
-            and rounds * config.timeout <= INLINE_MAX_SECONDS
-        )
-
-    def _report_inline(self, event: ScanProgressEvent) -> None:
-        # On the executor path the loop ran this callback and only logged its errors; a
-        # progress write that fails must not fail the scan here either.
+    def _report(self, event: ScanProgressEvent) -> None:
+        # Runs inline for short scans: a progress write that fails must not fail the scan.
         try:
-            self.reporter(event)
+            for address in sorted({a for a, _ in event.open_pairs}):
+                self.reporter.start_host(address)
+                ports = [p for a, p in event.open_pairs if a == address]
+                self.reporter(event._replace(open_ports=ports))
+            if not event.open_pairs:
+                self.reporter(event)
         except Exception:
             log.exception("scan %s: progress not reported", self.job.scan_id)
-
-    async def _sweep(self, address: str, ports: list[int]) -> list[PortOutcome]:
-        config = self.job.config
-        if self._inline(ports):
-            return scan_blocking(
-                address,
-                ports,
-                timeout=config.timeout,
-                concurrency=config.max_concurrent,
-                on_progress=self._report_inline,
-            )
-        return await scan_host(
-            address,
-            ports,
-            timeout=config.timeout,
-            concurrency=config.max_concurrent,
-            on_progress=self.reporter,
-        )
 
     async def _identify(self, address: str, ports: list[int]) -> dict[int, ServiceInfo]:
         """Service identification on open ports only, after discovery, bounded in time."""
@@ -377,6 +356,7 @@ class ScanJob:
             started_at=self.started,
             finished_at=datetime.now(UTC),
             duration_seconds=round(time.monotonic() - self.clock, 6),
+            **hosts_results(self.found),
         )
 
     async def with_db(

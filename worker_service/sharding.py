@@ -23,9 +23,9 @@ from shared.protocol import MERGE_TASK, PRIORITIES, SHARD_TASK, time_limits
 from shared.redis_keys import chord_key, shards_key
 from shared.schemas import PortResult, ScanProgress, ScanResult, ScanTaskPayload
 from worker_service.job import Shard, identify_services, port_result, watch_cancel
+from worker_service.probe.runner import ScanProgressEvent, scan_host
 from worker_service.reporting import PROGRESS_INTERVAL, EventLog
 from worker_service.runtime import WorkerRuntime
-from worker_service.scanner import ScanProgressEvent, scan_host
 
 
 def dispatch(
@@ -158,7 +158,7 @@ async def run_shard(
                 timeout=job.config.timeout,
                 concurrency=job.config.max_concurrent,
                 on_progress=progress,
-                shard_processes=1,
+                probe_processes=1,
             )
             progress.base += len(results)
             outcome["scanned"] += len(results)
