@@ -138,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up"], check=True)
         fixture = subprocess.Popen(
-            ["ip", "netns", "exec", netns, sys.executable, "-m", "bench.listeners"]
-            + [str(port) for port in sorted(expected)],
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "tests.support.lab_listen"]
+            + [f"127.0.0.1:{port}" for port in sorted(expected)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -145,8 +145,8 @@ def _engine_in(netns: str, address: str, spec: str, *extra: str) -> dict[str, ob
 def test_full_range_in_a_namespace_finds_exactly_the_listeners(netns: str) -> None:
     expected = [1, 22, 80, 443, 1000, 4096, 6379, 32768, 45000, 60999, 61000, 65535]
     fixture = subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-m", "bench.listeners"]
-        + [str(port) for port in expected],
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "tests.support.lab_listen"]
+        + [f"127.0.0.1:{port}" for port in expected],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -91,12 +91,17 @@ class Scheduler:
         self.stop = stop
         self.timing: dict[str, HostTiming] = {}
         self.stats: dict[str, HostStats] = {}
+        self.group = HostTiming(timeout, min_timeout)
+        """Every host's samples together: the timeout of a host that has answered nothing
+        yet (nmap's group timing), so a silent host costs what the network's RTT says."""
 
     def host(self, address: str, seed: tuple[float, float] | None = None) -> HostTiming:
         """The host's timing, created on first use (seeded, e.g. from discovery's RTT)."""
         timing = self.timing.get(address)
         if timing is None:
             timing = HostTiming(self.timeout, self.min_timeout, seed)
+            if seed is not None and seed[0] >= 0:
+                self.group.sample(seed[0])
             self.timing[address] = timing
             self.stats[address] = HostStats()
         return timing
@@ -111,6 +116,7 @@ class Scheduler:
 
     def _loop(self, pairs: Iterator[Pair]) -> dict[Pair, Outcome]:
         timing, stats, bucket, stop = self.timing, self.stats, self.bucket, self.stop
+        group = self.group
         retries, inflight, on_tick = self.retries, self.inflight, self.on_tick
         notable: dict[Pair, Outcome] = {}
         pending: dict[int, tuple[socket.socket, str, int, int, float]] = {}
@@ -162,6 +168,9 @@ class Scheduler:
                         # readable, which spares the epoll round trip for the bulk of a sweep.
                         if sock.getsockopt(sol_socket, so_error) == refused:
                             sock.close()
+                            rtt = monotonic() - sent
+                            timing[address].sample(rtt)
+                            group.sample(rtt)
                             host_stats.answered += 1
                             done += 1
                             continue
@@ -169,7 +178,10 @@ class Scheduler:
                         pending[fd] = (sock, address, port, attempt, sent)
                         register(fd, epollout)
                         seq += 1
-                        heappush(deadlines, (sent + timing[address].timeout, seq, sock))
+                        host_timing = timing[address]
+                        if host_timing.srtt < 0:
+                            host_timing = group
+                        heappush(deadlines, (sent + host_timing.timeout, seq, sock))
                         continue
                     if code in LOCAL_SHORTAGE:
                         sock.close()
@@ -204,6 +216,7 @@ class Scheduler:
                     stats[address].answered += 1
                     if code == refused:
                         timing[address].sample(now - sent)
+                        group.sample(now - sent)
                         sock.close()
                         done += 1
                         continue
@@ -212,6 +225,7 @@ class Scheduler:
                     else:
                         outcome = connected(sock)
                         timing[address].sample(now - sent)
+                        group.sample(now - sent)
                         if outcome[0] == "open":
                             opened.append((address, port))
                             sock.setsockopt(sol_socket, socket.SO_LINGER, LINGER_RESET)
