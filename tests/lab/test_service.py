@@ -54,7 +54,8 @@ def test_a_network_scan_through_the_service(lab_api: str, api_key: str) -> None:
     hosts = {host["address"]: host for host in result["hosts"]}
     assert {a for a, h in hosts.items() if h["state"] == "up"} == {LIVE, TARPIT}
     assert {h["reason"] for a, h in hosts.items() if h["state"] == "down"} == {"no-response"}
-    assert hosts[TARPIT]["tarpit"] and not hosts[LIVE]["tarpit"]
+    assert hosts[TARPIT]["tarpit"]
+    assert not hosts[LIVE]["tarpit"]
     found = {(p["address"], p["port"]): p for p in result["open_ports"]}
     assert set(found) == SPEC.truth
     # Identified on a normal host, not port by port on the tarpit.
