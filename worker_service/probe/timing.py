@@ -56,6 +56,11 @@ class HostTiming:
         return (self.srtt, self.rttvar)
 
 
+_WHOLE: Final = 1.0 - 1e-9
+"""A token, give or take float rounding: a wait of exactly the time to the next token must
+then find it there, not a fraction short of it."""
+
+
 class TokenBucket:
     """Probes per second with a small burst: ``take`` answers how long until one is allowed.
 
@@ -75,7 +80,7 @@ class TokenBucket:
         """Take one token and return 0.0, or return the seconds until one is available."""
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= _WHOLE:
+            self.tokens = max(0.0, self.tokens - 1.0)
             return 0.0
         return (1.0 - self.tokens) / self.rate
