@@ -299,6 +299,7 @@ class ScanJob:
     def _report(self, event: ScanProgressEvent) -> None:
         # Runs inline for short scans: a progress write that fails must not fail the scan.
         try:
+            self.reporter.total = event.total_ports  # live hosts only, once discovery is done
             for address in sorted({a for a, _ in event.open_pairs}):
                 self.reporter.start_host(address)
                 ports = [p for a, p in event.open_pairs if a == address]

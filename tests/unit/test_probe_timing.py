@@ -7,6 +7,7 @@ import pytest
 from shared.schemas import ScanConfig
 from worker_service.probe.discovery import checksum, echo_request
 from worker_service.probe.runner import ProbeLimits, discovery_wanted, effective_rate
+from worker_service.probe.scheduler import WASTE_ALLOWANCE, HostStats
 from worker_service.probe.timing import HostTiming, TokenBucket
 
 
@@ -69,3 +70,15 @@ def test_echo_request_carries_a_valid_checksum() -> None:
     packet = echo_request(0x1234, 7)
     assert packet[0] == 8
     assert checksum(packet) == 0
+
+
+def test_retries_shrink_to_nmaps_bound_once_retransmissions_go_unanswered() -> None:
+    stats = HostStats()
+    assert stats.may_retry(0, 2)
+    assert stats.may_retry(1, 2)  # within the allowance, every retry is sent
+    assert not stats.may_retry(2, 2)
+    stats.wasted = WASTE_ALLOWANCE
+    assert stats.may_retry(0, 2)  # one retransmission always
+    assert not stats.may_retry(1, 2)  # none answered beyond the first: no second
+    stats.answer(1)
+    assert stats.may_retry(1, 2)  # a first retransmission was answered: a second may be

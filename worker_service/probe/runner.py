@@ -183,6 +183,8 @@ def scan_hosts_blocking(
 
     rate = effective_rate(config, limits)
     concurrency = effective_concurrency(config.max_concurrent)
+    # A timeout shorter than config.timeout is only safe with a retransmission behind it.
+    min_timeout = limits.min_timeout if config.retries else config.timeout
     states: dict[str, HostState]
     if discovery_wanted(config, addresses):
         bucket = TokenBucket(rate, time.monotonic()) if rate else None
@@ -191,7 +193,7 @@ def scan_hosts_blocking(
             timeout=config.timeout,
             retries=config.retries,
             inflight=concurrency,
-            min_timeout=limits.min_timeout,
+            min_timeout=min_timeout,
             bucket=bucket,
             stop=stop,
         )
@@ -213,7 +215,7 @@ def scan_hosts_blocking(
         concurrency=concurrency,
         retries=config.retries,
         rate=rate,
-        min_timeout=limits.min_timeout,
+        min_timeout=min_timeout,
         probe_processes=limits.probe_processes,
         progress_interval=progress_interval,
     )

@@ -4,7 +4,8 @@ timeouts, retransmission of unanswered probes, and pacing by a probe rate.
 Probes go out port-major (every live host's port ``p`` before any host's next port), so a slow
 or silent host takes its share of the connects in flight and never serializes the rest. A probe
 nobody answered within its host's current timeout is sent again, from a fresh socket, up to
-``retries`` times before its port is called filtered; retransmissions go ahead of new probes.
+``retries`` times (``HostStats.may_retry``) before its port is called filtered; retransmissions
+go ahead of new probes.
 Readiness is always collected before deadlines are checked and a socket whose deadline passed
 is asked for a late answer, so a slow loop delays results but never turns an answer into
 "filtered". Only C-level modules at run time, like ``sweep``.
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     import threading
     from collections import deque
     from collections.abc import Callable, Iterator, Sequence
+    from typing import Final
 
     from worker_service.probe.sweep import Outcome
     from worker_service.probe.timing import TokenBucket
@@ -45,16 +47,40 @@ else:
     from _collections import deque
 
 
+WASTE_ALLOWANCE: Final = 64
+"""Unanswered retransmissions a host may cost before nmap's retry bound applies to it: before
+any retransmission was answered, a lossy network's first deep losses must still be retried."""
+
+
 class HostStats:
     """What one host cost and answered: probes sent (retransmissions included), the
     retransmissions among them, and probes that got any answer."""
 
-    __slots__ = ("answered", "probes", "retransmissions")
+    __slots__ = ("answered", "best_attempt", "probes", "retransmissions", "wasted")
 
     def __init__(self, probes: int = 0, retransmissions: int = 0, answered: int = 0) -> None:
         self.probes = probes
         self.retransmissions = retransmissions
         self.answered = answered
+        self.best_attempt = 0
+        """The highest retransmission (1 = the first) that ever got an answer."""
+        self.wasted = 0
+        """Retransmissions that went unanswered too."""
+
+    def answer(self, attempt: int) -> None:
+        self.answered += 1
+        if attempt > self.best_attempt:
+            self.best_attempt = attempt
+
+    def may_retry(self, attempt: int, retries: int) -> bool:
+        """Whether an unanswered probe of this attempt is sent again: up to ``retries`` times;
+        once ``WASTE_ALLOWANCE`` retransmissions of the host went unanswered, only one beyond
+        the highest retransmission that ever got an answer (nmap's rule). A host that drops a
+        port range for good then costs one retransmission per port, not ``retries``; where the
+        network loses packets, answered retransmissions keep the bound up."""
+        if attempt >= retries:
+            return False
+        return attempt <= self.best_attempt or self.wasted < WASTE_ALLOWANCE
 
     def add(self, other: HostStats) -> None:
         self.probes += other.probes
@@ -171,7 +197,7 @@ class Scheduler:
                             rtt = monotonic() - sent
                             timing[address].sample(rtt)
                             group.sample(rtt)
-                            host_stats.answered += 1
+                            host_stats.answer(attempt)
                             done += 1
                             continue
                         fd = sock.fileno()
@@ -194,7 +220,7 @@ class Scheduler:
                         break
                     outcome = connected(sock) if code == 0 else classify_error(code)
                     sock.close()
-                    host_stats.answered += 1
+                    host_stats.answer(attempt)
                     done += 1
                     if outcome is not REFUSED:
                         notable[(address, port)] = outcome
@@ -213,7 +239,7 @@ class Scheduler:
                 for fd, _events in events:
                     sock, address, port, attempt, sent = pending.pop(fd)
                     code = sock.getsockopt(sol_socket, so_error)
-                    stats[address].answered += 1
+                    stats[address].answer(attempt)
                     if code == refused:
                         timing[address].sample(now - sent)
                         group.sample(now - sent)
@@ -246,12 +272,14 @@ class Scheduler:
                             outcome = ("filtered", "no-response")
                     else:
                         outcome = classify_error(code)
-                    if outcome[1] == "no-response" and attempt < retries:
+                    if outcome[1] == "no-response" and attempt:
+                        stats[address].wasted += 1
+                    if outcome[1] == "no-response" and stats[address].may_retry(attempt, retries):
                         sock.close()
                         again.append((address, port, attempt + 1))
                         continue
                     if outcome[1] != "no-response":
-                        stats[address].answered += 1
+                        stats[address].answer(attempt)
                     sock.close()
                     done += 1
                     if outcome is not REFUSED:
