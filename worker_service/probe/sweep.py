@@ -78,7 +78,8 @@ def connected(sock: socket.socket) -> Outcome:
 
 # --- probe process protocol -------------------------------------------------------------------
 # stdin:  one JSON object {"hosts", "seeds": {address: [srtt, rttvar]}, "ports": [[first, last],
-#         ...], "timeout", "min_timeout", "retries", "inflight", "rate", "tick"}
+#         ...], "share": [i, n] (every n-th port from the i-th), "timeout", "min_timeout",
+#         "retries", "inflight", "rate", "tick"}
 # stdout: "T <finished> <address/port,...>" progress lines, then one "R <json>" line with
 #         {"notable": [[address, port, state, reason], ...], "stats": {address: [probes,
 #         retransmissions, answered]}, "timing": {address: [srtt, rttvar]}}
@@ -99,9 +100,12 @@ class ProbeJob:
         rate: float | None,
         seeds: dict[str, tuple[float, float]],
         tick: float,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
         self.hosts = list(hosts)
         self.ports = ports
+        self.share = share
+        """(i, n): this process probes every n-th of ``ports`` from the i-th."""
         self.timeout = timeout
         self.min_timeout = min_timeout
         self.retries = retries
@@ -115,6 +119,7 @@ class ProbeJob:
             "hosts": self.hosts,
             "seeds": {a: list(s) for a, s in self.seeds.items() if a in self.hosts},
             "ports": encode_ranges(self.ports),
+            "share": list(self.share),
             "timeout": self.timeout,
             "min_timeout": self.min_timeout,
             "retries": self.retries,
@@ -302,7 +307,8 @@ def _serve() -> None:
     for address in job["hosts"]:
         seed = job["seeds"].get(address)
         scheduler.host(address, (seed[0], seed[1]) if seed else None)
-    notable = scheduler.run(job["hosts"], list(_expand(job["ports"])))
+    first, step = job["share"]
+    notable = scheduler.run(job["hosts"], list(_expand(job["ports"]))[first::step])
     raw = {
         "notable": [[a, p, state, reason] for (a, p), (state, reason) in notable.items()],
         "stats": _stats_list(scheduler.stats),

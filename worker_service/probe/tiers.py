@@ -179,17 +179,18 @@ def _in_processes(
     inflight: int,
 ) -> dict[Pair, Outcome]:
     """One tier split over ``count`` probe processes: by host when there are enough hosts
-    (each keeps whole hosts' timing), else by contiguous slices of the ports."""
+    (each keeps whole hosts' timing), else by dealing the ports round-robin (a filtered range
+    then slows every process a little, not one a lot)."""
     if len(hosts) >= count:
-        slices = [(list(hosts[i::count]), ports) for i in range(count)]
+        slices = [(list(hosts[i::count]), (0, 1)) for i in range(count)]
     else:
-        size = -(-len(ports) // count)
-        slices = [(list(hosts), ports[i : i + size]) for i in range(0, len(ports), size)]
+        slices = [(list(hosts), (i, count)) for i in range(count)]
     seeds = {address: timing.state for address, timing in scheduler.timing.items()}
     jobs = [
         ProbeJob(
             share_hosts,
-            share_ports,
+            ports,
+            share=share,
             timeout=how.timeout,
             min_timeout=how.min_timeout,
             retries=how.retries,
@@ -198,7 +199,7 @@ def _in_processes(
             seeds=seeds,
             tick=scheduler.tick_interval,
         )
-        for share_hosts, share_ports in slices
+        for share_hosts, share in slices
     ]
     result = run_processes(jobs, on_tick=scheduler.on_tick, stop=scheduler.stop)
     for address, counts in result.stats.items():
