@@ -13,10 +13,9 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 from shared.ports import order_by_tier
-from shared.schemas import HostResult
 from worker_service.probe.discovery import HostState, discover
 from worker_service.probe.tiers import (
     PROGRESS_INTERVAL,
@@ -28,10 +27,36 @@ from worker_service.probe.tiers import (
 from worker_service.probe.timing import MIN_TIMEOUT, TokenBucket
 
 if TYPE_CHECKING:
-    from shared.schemas import PortState, ScanConfig
+    from shared.schemas import PortState
     from shared.settings import Settings
     from worker_service.probe.scheduler import HostStats, Pair
     from worker_service.probe.sweep import Outcome
+
+
+class ProbeConfig(Protocol):
+    """What the engine reads of a scan's config (``shared.schemas.ScanConfig`` is one); the
+    engine itself never needs pydantic, so a probe command starts without it."""
+
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def max_concurrent(self) -> int: ...
+    @property
+    def retries(self) -> int: ...
+    @property
+    def rate(self) -> int | None: ...
+    @property
+    def discovery(self) -> bool | None: ...
+
+
+class Probing(NamedTuple):
+    """A ``ProbeConfig`` for callers without a ``ScanConfig``."""
+
+    timeout: float
+    max_concurrent: int
+    retries: int = 0
+    rate: int | None = None
+    discovery: bool | None = False
 
 
 class PortOutcome(NamedTuple):
@@ -115,6 +140,8 @@ def probe_limits(settings: Settings) -> ProbeLimits:
 
 def hosts_results(found: HostsResult | None) -> dict[str, Any]:
     """The host-level fields of a ``ScanResult``, from what the engine found."""
+    from shared.schemas import HostResult  # the worker's, not the engine's, dependency
+
     if found is None:
         return {}
     hosts = [
@@ -137,13 +164,13 @@ def hosts_results(found: HostsResult | None) -> dict[str, Any]:
     }
 
 
-def effective_rate(config: ScanConfig, limits: ProbeLimits) -> float | None:
+def effective_rate(config: ProbeConfig, limits: ProbeLimits) -> float | None:
     """Probes per second for this scan: its own ``rate``, capped by the worker's ceiling."""
     rates = [r for r in (config.rate, limits.rate_ceiling) if r]
     return min(rates) if rates else None
 
 
-def discovery_wanted(config: ScanConfig, addresses: Sequence[str]) -> bool:
+def discovery_wanted(config: ProbeConfig, addresses: Sequence[str]) -> bool:
     """``config.discovery``, or by default on for a target of several addresses (nmap's
     behaviour; ``discovery: false`` is its ``-Pn``)."""
     return config.discovery if config.discovery is not None else len(addresses) > 1
@@ -172,7 +199,7 @@ class _Tarpits:
 def scan_hosts_blocking(
     addresses: Sequence[str],
     ports: Sequence[int],
-    config: ScanConfig,
+    config: ProbeConfig,
     *,
     limits: ProbeLimits = ProbeLimits(),  # noqa: B008 - an immutable NamedTuple
     on_progress: ProgressCallback | None = None,
@@ -260,7 +287,7 @@ def _outcome(port: int, outcome: tuple[str, str]) -> PortOutcome:
     return PortOutcome(port, cast("PortState", outcome[0]), outcome[1])
 
 
-def runs_inline(addresses: Sequence[str], ports: Sequence[int], config: ScanConfig) -> bool:
+def runs_inline(addresses: Sequence[str], ports: Sequence[int], config: ProbeConfig) -> bool:
     """Whether the scan is short enough, at worst, to run on the event loop's thread."""
     rounds = -(-len(ports) // max(1, min(config.max_concurrent, len(ports))))
     worst = rounds * config.timeout * (1 + config.retries)
@@ -270,7 +297,7 @@ def runs_inline(addresses: Sequence[str], ports: Sequence[int], config: ScanConf
 async def scan_hosts(
     addresses: Sequence[str],
     ports: Sequence[int],
-    config: ScanConfig,
+    config: ProbeConfig,
     on_progress: ProgressCallback | None = None,
     *,
     limits: ProbeLimits = ProbeLimits(),  # noqa: B008 - an immutable NamedTuple
@@ -326,11 +353,7 @@ async def scan_host(
 ) -> list[PortOutcome]:
     """Probe every port of one literal address, no discovery; one outcome per distinct port,
     sorted by port. ``scan_hosts`` for callers that deal in one address at a time."""
-    from shared.schemas import ScanConfig
-
-    config = ScanConfig(
-        timeout=timeout, max_concurrent=concurrency, retries=retries, discovery=False
-    )
+    config = Probing(timeout, concurrency, retries)
     limits = ProbeLimits(probe_processes=probe_processes)
     found = await scan_hosts(
         [address],
