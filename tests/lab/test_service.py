@@ -34,11 +34,20 @@ def net() -> Iterator[Lab]:
 
 @pytest.fixture(scope="module")
 def lab_api(settings: Settings, run_dir: Path, database: str, net: Lab) -> Iterator[str]:
+    # A stop that lands while the worker is still acking the last scan starts Celery's soft
+    # shutdown, which then waits its whole timeout: 2 s, not 20, as nothing here tests it.
     with own_stack(
-        settings, run_dir, "lab", workers=1, wrap_worker=net.wrap(), target_allow=(BLOCK,)
+        settings,
+        run_dir,
+        "lab",
+        workers=1,
+        wrap_worker=net.wrap(),
+        target_allow=(BLOCK,),
+        shutdown_timeout=2,
     ) as stack:
         net.assert_no_default_route()
         yield base_url(stack)
+    print("DBG", (run_dir / "worker-lab.log").read_text()[-3000:], flush=True)
 
 
 def test_a_network_scan_through_the_service(lab_api: str, api_key: str) -> None:
