@@ -87,6 +87,14 @@ def echo_replies(sock: socket.socket, raw: bool, ident: int) -> set[str]:
             answered.add(address)
 
 
+def _pace(bucket: TokenBucket | None) -> None:
+    """Wait for the scan's rate to allow one more packet (echoes count against it too)."""
+    if bucket is None:
+        return
+    while wait := bucket.take(time.monotonic()):
+        time.sleep(wait)
+
+
 def discover(
     hosts: Sequence[str],
     *,
@@ -109,6 +117,7 @@ def discover(
             sock, _raw = pinger
             for seq in range(1 + max(0, retries)):
                 for address in v4:
+                    _pace(bucket)
                     # A full send buffer or an unroutable address: TCP still decides.
                     try:
                         sock.sendto(echo_request(ident, seq), (address, 0))
