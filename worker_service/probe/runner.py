@@ -269,6 +269,8 @@ def scan_hosts_blocking(
 
 def _report(address: str, state: HostState, stats: HostStats | None, tarpit: bool) -> HostReport:
     rtt = state.seed[0] if state.seed is not None else None
+    if stats is not None and stats.srtt >= 0:
+        rtt = stats.srtt
     if stats is None:
         return HostReport(address, state.up, state.reason, rtt, 0, 0, False, False)
     return HostReport(

@@ -56,7 +56,7 @@ class HostStats:
     """What one host cost and answered: probes sent (retransmissions included), the
     retransmissions among them, and probes that got any answer."""
 
-    __slots__ = ("answered", "best_attempt", "probes", "retransmissions", "wasted")
+    __slots__ = ("answered", "best_attempt", "probes", "retransmissions", "srtt", "wasted")
 
     def __init__(self, probes: int = 0, retransmissions: int = 0, answered: int = 0) -> None:
         self.probes = probes
@@ -66,6 +66,8 @@ class HostStats:
         """The highest retransmission (1 = the first) that ever got an answer."""
         self.wasted = 0
         """Retransmissions that went unanswered too."""
+        self.srtt = -1.0
+        """The host's smoothed RTT when the sweep ended (< 0: nothing answered)."""
 
     def answer(self, attempt: int) -> None:
         self.answered += 1

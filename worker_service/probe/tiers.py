@@ -167,6 +167,8 @@ def sweep_tiers(
             on_tier(tier, notable)
     if tiers:
         progress.emit()
+    for address, timing in scheduler.timing.items():
+        scheduler.stats[address].srtt = timing.srtt
     return notable, scheduler.stats
 
 
