@@ -116,19 +116,17 @@ def run_engine(net: Lab, scenario: Scenario, deadline: Deadline) -> tuple[float,
 class Service:
     """The API on this host, one worker (2 processes) in the lab's scanner namespace."""
 
-    def __init__(self, stack: Stack, net: Lab) -> None:
+    def __init__(self, stack: Stack, net: Lab, *, split: bool) -> None:
         self.stack = stack
         self.net = net
+        self.split = split
 
     async def start(self) -> None:
         stack = self.stack
-        stack.settings = stack.settings.model_copy(
-            update={
-                "target_allow": (BLOCK,),
-                # One task per scan: this measures one worker's engine, not the split.
-                "shard_min_ports": 1_000_000,
-            }
-        )
+        update: dict[str, object] = {"target_allow": (BLOCK,)}
+        if not self.split:
+            update["shard_min_ports"] = 1_000_000  # one task per scan: one worker's engine
+        stack.settings = stack.settings.model_copy(update=update)
         await stack.setup()
         await stack.start_api()
         heartbeat = Path(stack.settings.heartbeat_file)
@@ -219,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nmap-runs", type=int, default=3)
     parser.add_argument("--max-seconds", type=float, default=1500.0)
     parser.add_argument("--no-service", action="store_true", help="engine and nmap only")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="let the service split large scans into shards (CYBERSEC_SHARD_MIN_PORTS default)",
+    )
+    parser.add_argument("--only", default="abc", help="scenarios to run, e.g. ab")
     args = parser.parse_args(argv)
     deadline = Deadline(args.max_seconds)
     print(
@@ -229,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     all_exact = True
     try:
         for scenario in scenarios(args.runs):
+            if scenario.name[1] not in args.only:
+                continue
             with lab(scenario.spec) as net:
                 stack = Stack()
                 try:
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                     }
                     if not args.no_service:
                         net.bridge()
-                        service = Service(stack, net)
+                        service = Service(stack, net, split=args.split)
                         asyncio.run(service.start())
                         scanners["service (submit→SUCCESS)"] = service
                     results = measure(net, scenario, scanners, args.nmap_runs, deadline)

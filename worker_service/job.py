@@ -27,6 +27,7 @@ from worker_service.probe.identify import ServiceInfo, identify, registered_name
 from worker_service.probe.runner import (
     HostsResult,
     ScanProgressEvent,
+    by_address,
     hosts_results,
     probe_limits,
     scan_hosts,
@@ -300,12 +301,10 @@ class ScanJob:
         # Runs inline for short scans: a progress write that fails must not fail the scan.
         try:
             self.reporter.total = event.total_ports  # live hosts only, once discovery is done
-            for address in sorted({a for a, _ in event.open_pairs}):
-                self.reporter.start_host(address)
-                ports = [p for a, p in event.open_pairs if a == address]
-                self.reporter(event._replace(open_ports=ports))
-            if not event.open_pairs:
-                self.reporter(event)
+            for address, one in by_address(event):
+                if address is not None:
+                    self.reporter.start_host(address)
+                self.reporter(one)
         except Exception:
             log.exception("scan %s: progress not reported", self.job.scan_id)
 

@@ -23,7 +23,7 @@ from shared.protocol import MERGE_TASK, PRIORITIES, SHARD_TASK, time_limits
 from shared.redis_keys import chord_key, shards_key
 from shared.schemas import PortResult, ScanProgress, ScanResult, ScanTaskPayload
 from worker_service.job import Shard, identify_services, port_result, watch_cancel
-from worker_service.probe.runner import ScanProgressEvent, scan_host
+from worker_service.probe.runner import ScanProgressEvent, by_address, probe_limits, scan_hosts
 from worker_service.reporting import PROGRESS_INTERVAL, EventLog
 from worker_service.runtime import WorkerRuntime
 
@@ -149,19 +149,18 @@ async def run_shard(
     store = await runtime.store()
     outcome: dict[str, Any] = {"open": [], "closed": 0, "filtered": 0, "scanned": 0}
 
+    def report(event: ScanProgressEvent) -> None:
+        for address, one in by_address(event):
+            if address is not None:
+                progress.start_host(address)
+            progress(one)
+
     async def sweep() -> None:
-        for address in addresses:
-            progress.start_host(address)
-            results = await scan_host(
-                address,
-                ports,
-                timeout=job.config.timeout,
-                concurrency=job.config.max_concurrent,
-                on_progress=progress,
-                probe_processes=1,
-            )
-            progress.base += len(results)
-            outcome["scanned"] += len(results)
+        # One sweep of all the shard's addresses: discovery, hosts interleaved (issue 15).
+        limits = probe_limits(runtime.settings)._replace(probe_processes=1)
+        found = await scan_hosts(addresses, ports, job.config, report, limits=limits)
+        outcome["scanned"] += found.scanned
+        for address, results in found.outcomes.items():
             for result in results:
                 if result.state == "open":
                     outcome["open"].append([address, result.port, result.reason])

@@ -76,6 +76,19 @@ class ScanProgressEvent(NamedTuple):
 
 ProgressCallback = Callable[[ScanProgressEvent], None]
 
+
+def by_address(event: ScanProgressEvent) -> list[tuple[str | None, ScanProgressEvent]]:
+    """The event as one event per address with open ports (each listing that address's),
+    for reporters that follow one address at a time; ``(None, event)`` while none is open."""
+    addresses = sorted({address for address, _port in event.open_pairs})
+    if not addresses:
+        return [(None, event)]
+    return [
+        (address, event._replace(open_ports=[p for a, p in event.open_pairs if a == address]))
+        for address in addresses
+    ]
+
+
 INLINE_MAX_PORTS = 16
 INLINE_MAX_SECONDS = 3.0
 """A one-address scan of at most 16 ports whose probes (retransmissions included) cannot take
