@@ -40,6 +40,8 @@ T = TypeVar("T")
 
 MAX_RETRIES = 3
 IDENTIFY_CONCURRENCY = 64
+IDENTIFY_HOSTS = 8
+"""Hosts whose services are identified at once, each with up to IDENTIFY_CONCURRENCY."""
 IDENTIFY_MIN_SECONDS = 1.0
 IDENTIFY_MAX_SECONDS = 3.0
 CANCEL_POLL_SECONDS = 0.5
@@ -284,15 +286,20 @@ class ScanJob:
         )
         self.reporter.finish_host(found.scanned)
         self.found = found
+        services = await self._identify_hosts(
+            {
+                host.address: [o.port for o in found.outcomes[host.address] if o.state == "open"]
+                for host in found.hosts
+                if host.address in found.outcomes and not host.tarpit
+            }
+        )
         for host in found.hosts:
             outcomes = found.outcomes.get(host.address, [])
-            open_ports = [o for o in outcomes if o.state == "open"]
-            services = {}
-            if not host.tarpit:
-                services = await self._identify(host.address, [o.port for o in open_ports])
-            for outcome in open_ports:
-                info = services.get(outcome.port)
-                self.open.append(port_result(host.address, outcome.port, outcome.reason, info))
+            known = services.get(host.address, {})
+            for outcome in outcomes:
+                if outcome.state == "open":
+                    info = known.get(outcome.port)
+                    self.open.append(port_result(host.address, outcome.port, outcome.reason, info))
             self.closed += sum(1 for o in outcomes if o.state == "closed")
             self.filtered += sum(1 for o in outcomes if o.state == "filtered")
         return self._result("completed", found.scanned)
@@ -308,12 +315,24 @@ class ScanJob:
         except Exception:
             log.exception("scan %s: progress not reported", self.job.scan_id)
 
-    async def _identify(self, address: str, ports: list[int]) -> dict[int, ServiceInfo]:
-        """Service identification on open ports only, after discovery, bounded in time."""
-        if not ports or not self.job.config.service_detection:
+    async def _identify_hosts(
+        self, wanted: dict[str, list[int]]
+    ) -> dict[str, dict[int, ServiceInfo]]:
+        """Service identification on open ports only, after the sweep, several hosts at once
+        (a network's live hosts would otherwise wait for each other), bounded in time."""
+        wanted = {address: ports for address, ports in wanted.items() if ports}
+        if not wanted or not self.job.config.service_detection:
             return {}
-        self.reporter.announce(f"Identifying services on {len(ports)} open ports", "services")
-        return await identify_services(address, ports, self.job.config)
+        count = sum(len(ports) for ports in wanted.values())
+        self.reporter.announce(f"Identifying services on {count} open ports", "services")
+        gate = asyncio.Semaphore(IDENTIFY_HOSTS)
+
+        async def one(address: str, ports: list[int]) -> dict[int, ServiceInfo]:
+            async with gate:
+                return await identify_services(address, ports, self.job.config)
+
+        found = await asyncio.gather(*(one(a, ports) for a, ports in wanted.items()))
+        return dict(zip(wanted, found, strict=True))
 
     def _not_started(self) -> ScanResult:
         now = datetime.now(UTC)
