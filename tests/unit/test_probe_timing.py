@@ -82,3 +82,14 @@ def test_retries_shrink_to_nmaps_bound_once_retransmissions_go_unanswered() -> N
     assert not stats.may_retry(1, 2)  # none answered beyond the first: no second
     stats.answer(1)
     assert stats.may_retry(1, 2)  # a first retransmission was answered: a second may be
+
+
+def test_worker_settings_become_probe_limits() -> None:
+    from shared.settings import Settings
+    from worker_service.probe.runner import probe_limits
+
+    assert probe_limits(Settings()).rate_ceiling is None  # 0: no ceiling
+    limits = probe_limits(
+        Settings(probe_rate_ceiling=300, probe_min_timeout=0.2, tarpit_min_open=5)
+    )
+    assert limits == ProbeLimits(rate_ceiling=300, min_timeout=0.2, tarpit_min_open=5)
