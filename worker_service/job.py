@@ -263,7 +263,8 @@ async def _shard(
         )
     except TRANSIENT_ERRORS as exc:
         return RetryLater(f"database unavailable while sharding: {exc!r}")
-    return Sharded(len(plan) or len(pending), tuple(pending))
+    probes = len(addresses) * len(parse_port_spec(job.ports))
+    return Sharded(len(plan) or len(pending), probes, tuple(pending))
 
 
 def shard_limits(job: ScanTaskPayload, shard: Shard, settings: Settings) -> tuple[int, int]:

@@ -77,6 +77,8 @@ class Sharded:
     """Handed to shards: the scan ends in its merge (or a shard's failure), not here."""
 
     shards: int
+    probes: int
+    """(address, port) pairs of the whole scan."""
     pending: tuple[ShardRow, ...] = ()
     """The recorded shards with no outcome yet: to be published."""
     label: ClassVar[str] = "sharded"

@@ -182,7 +182,13 @@ def _publish_shards(
     """Publish the recorded shards that have no outcome yet; a redelivery publishes again
     whatever a crash here left unpublished (a duplicate shard is recorded once)."""
     settings: Settings = task.app.conf.cybersec_settings
-    progress(ScanProgress(status=f"Scanning in {sharded.shards} shards", progress=0))
+    progress(
+        ScanProgress(
+            status=f"Scanning in {sharded.shards} shards",
+            progress=0,
+            total_ports=sharded.probes,
+        )
+    )
     payload = job.model_dump(mode="json")
     try:
         for shard in sharded.pending:
