@@ -33,12 +33,39 @@ class ScanResultBackend(RedisBackend):
     expires: float | None
     _get_result_meta: Callable[..., dict[str, Any]]
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._written: set[str] = set()
+
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        if task_id in self._written:
+            # The task returned a result that finish() stored already, with its end event.
+            self._written.discard(task_id)
+            return result
+        base = super()._store_result  # type: ignore[misc]  # not in celery-types
+        return base(task_id, result, state, traceback, request, **kwargs)
+
     def finish(
-        self, task_id: str, state: str, result: dict[str, Any] | str | None, rider: Rider
+        self,
+        task_id: str,
+        state: str,
+        result: dict[str, Any] | str | None,
+        rider: Rider,
+        *,
+        returned: bool = False,
     ) -> bool:
         """Store ``state`` with ``result`` (a result dict, or a failure's reason; None stores
         no state) and ``rider``'s writes in one transaction; False if Redis did not take them.
-        Never raises."""
+        ``returned``: the running task returns this result next; Celery then stores nothing
+        more. Never raises."""
         key = value = None
         try:
             if result is not None:
@@ -53,6 +80,8 @@ class ScanResultBackend(RedisBackend):
                     raise BackendStoreError("value too large for Redis backend", state=state)
                 key = self.get_key_for_task(task_id)
             self.ensure(self._write, (key, value, rider, state), max_retries=0)
+            if returned:
+                self._written.add(task_id)
         except Exception as exc:  # Redis away: see the module's docstring
             log.warning("task %s: final state and end event not written: %r", task_id, exc)
             return False

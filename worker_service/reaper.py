@@ -13,7 +13,6 @@ import logging
 import threading
 from typing import Any
 
-import asyncpg
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
@@ -44,27 +43,32 @@ class Reaper:
             self._thread = None
 
     def _run(self) -> None:
-        asyncio.run(self._loop())
-
-    async def _loop(self) -> None:
+        # A daemon thread with a loop per pass: nothing here may hold up the worker's exit.
         client = redis.Redis.from_url(
             self.settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
         )
-        pool: asyncpg.Pool[Any] | None = None
         try:
-            while not self._stop.is_set():
+            while True:
                 try:
-                    pool = pool or await create_pool(self.settings.database_url, max_size=1)
-                    for scan in await reap(pool):
-                        log.warning("scan %s: reaped (left running)", scan.scan_id)
-                        self._release(client, scan)
+                    reaped = asyncio.run(self._pass())
                 except DATABASE_ERRORS as exc:
                     log.warning("reaper: database unavailable: %r", exc)
-                await asyncio.to_thread(self._stop.wait, self.settings.reap_interval)
+                    reaped = []
+                for scan in reaped:
+                    log.warning("scan %s: reaped (left running)", scan.scan_id)
+                    self._release(client, scan)
+                if self._stop.wait(self.settings.reap_interval):
+                    return
         finally:
             client.close()
-            if pool is not None:
-                pool.terminate()
+
+    async def _pass(self) -> list[Reaped]:
+        async with asyncio.timeout(30):
+            pool = await create_pool(self.settings.database_url, max_size=1)
+            try:
+                return await reap(pool)
+            finally:
+                await pool.close()
 
     def _release(self, client: redis.Redis, scan: Reaped) -> None:
         prefix, ttl = self.settings.redis_prefix, self.settings.result_ttl

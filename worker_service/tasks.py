@@ -9,7 +9,8 @@ or dead-letter (``Reject``).
 from __future__ import annotations
 
 import logging
-from typing import Any, NoReturn
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 from uuid import UUID
 
 from celery import Celery, Task
@@ -28,12 +29,15 @@ from shared.protocol import (
 from shared.retry import TRANSIENT_ERRORS, backoff, retry
 from shared.schemas import ScanProgress, ScanResult, ScanTaskPayload
 from shared.settings import Settings
+from shared.store import ScanRow
 from worker_service.backend import ScanResultBackend
 from worker_service.guard import GuardedRequest
 from worker_service.job import deliver_scan, merge_limits, shard_limits
 from worker_service.lifecycle import (
     MAX_RETRIES,
     RETRY_CAP_SECONDS,
+    SUCCESS,
+    Completed,
     Delivery,
     Failed,
     Outcome,
@@ -51,7 +55,7 @@ from worker_service.sharding import Recorded, deliver_merge, deliver_shard
 log = logging.getLogger(__name__)
 
 
-def scan(task: Task[Any, Any], payload: dict[str, Any]) -> None:
+def scan(task: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
     """A scan as the gateway published it."""
     runtime, delivery, events = _start(task, str(task.request.id))
     row = None
@@ -62,20 +66,20 @@ def scan(task: Task[Any, Any], payload: dict[str, Any]) -> None:
         outcome: Outcome = Failed(reason, dead_letter=True)
     else:
         progress = _progress(task, delivery.task_id)
-        outcome, row = runtime.run(deliver_scan(runtime, delivery, job, events, progress))
+        outcome, row = _run(runtime, deliver_scan(runtime, delivery, job, events, progress))
         if isinstance(outcome, Sharded):
             outcome = _publish_shards(task, job, outcome, progress)
     owner = row.api_key_id if row is not None else None
     ending = TaskEnding(runtime, task, delivery, events, owner)
-    _answer(task, delivery, runtime.run(finish(outcome, ending)))
+    return _answer(task, delivery, runtime.run(finish(outcome, ending)))
 
 
 def scan_shard(task: Task[Any, Any], payload: dict[str, Any], parent_id: str, index: int) -> None:
     """One shard of a large scan; a failure of its own fails the scan."""
     runtime, delivery, events = _start(task, parent_id)
     job = ScanTaskPayload.model_validate(payload)  # published by a worker, from a valid one
-    outcome, row = runtime.run(
-        deliver_shard(runtime, delivery, job, index, events, _progress(task, parent_id))
+    outcome, row = _run(
+        runtime, deliver_shard(runtime, delivery, job, index, events, _progress(task, parent_id))
     )
     if isinstance(outcome, Recorded):
         if outcome.merge:
@@ -90,14 +94,14 @@ def scan_shard(task: Task[Any, Any], payload: dict[str, Any], parent_id: str, in
     _answer(task, delivery, outcome)
 
 
-def scan_merge(task: Task[Any, Any], payload: dict[str, Any], parent_id: str) -> None:
+def scan_merge(task: Task[Any, Any], payload: dict[str, Any], parent_id: str) -> dict[str, Any]:
     """Join a sharded scan's shards into its one result."""
     runtime, delivery, events = _start(task, parent_id)
     job = ScanTaskPayload.model_validate(payload)
-    outcome, row = runtime.run(deliver_merge(runtime, delivery, job))
+    outcome, row = _run(runtime, deliver_merge(runtime, delivery, job))
     owner = row.api_key_id if row is not None else None
     ending = TaskEnding(runtime, task, delivery, events, owner)
-    _answer(task, delivery, runtime.run(finish(outcome, ending)))
+    return _answer(task, delivery, runtime.run(finish(outcome, ending)))
 
 
 def register_tasks(app: Celery) -> None:
@@ -150,10 +154,27 @@ class TaskEnding:
         def rider(pipe: Any, _state: str) -> None:
             self.events.add_to(pipe, ("end", {"state": state}), release=owner)
 
-        self.backend.finish(self.events.task_id, state, meta, rider)
+        returned = state == SUCCESS and self.events.task_id == self.request.id
+        self.backend.finish(self.events.task_id, state, meta, rider, returned=returned)
 
     def count(self, outcome: Outcome) -> None:
         setattr(self.request, OUTCOME_ATTRIBUTE, outcome)
+
+
+UNEXPECTED = "the worker met an unexpected error (its log has the details)"
+D = TypeVar("D")
+
+
+def _run(
+    runtime: WorkerRuntime, delivery: Coroutine[Any, Any, tuple[D, ScanRow | None]]
+) -> tuple[D | Failed, ScanRow | None]:
+    """A delivery's outcome; anything unforeseen (an error the kernel or the database reports,
+    a probe process gone) is a failure with a reason, not a row left 'running'."""
+    try:
+        return runtime.run(delivery)
+    except Exception:
+        log.exception("unexpected error")
+        return Failed(UNEXPECTED), None
 
 
 def _start(task: Task[Any, Any], scan_task_id: str) -> tuple[WorkerRuntime, Delivery, EventLog]:
@@ -227,8 +248,11 @@ def _publish_merge(task: Task[Any, Any], job: ScanTaskPayload, parent_id: str) -
         raise Reject(f"merge not published: {exc!r}", requeue=True) from None
 
 
-def _answer(task: Task[Any, Any], delivery: Delivery, outcome: Any) -> NoReturn:
-    """Celery's answer to an outcome ``finish`` has recorded."""
+def _answer(task: Task[Any, Any], delivery: Delivery, outcome: Any) -> dict[str, Any]:
+    """Celery's answer to an outcome ``finish`` has recorded: a completed scan's result
+    (stored already: the backend does not store it again), or an exception."""
+    if isinstance(outcome, Completed):
+        return outcome.result.model_dump(mode="json")
     if isinstance(outcome, Failed) and outcome.dead_letter:
         raise Reject(outcome.reason, requeue=False)
     if isinstance(outcome, RetryLater) and delivery.retries < MAX_RETRIES:
