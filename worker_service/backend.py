@@ -67,6 +67,9 @@ class ScanResultBackend(RedisBackend):
         ``returned``: the running task returns this result next; Celery then stores nothing
         more. Never raises."""
         key = value = None
+        if returned:
+            # Whether or not it lands now: Celery's own store of it would fail the same way.
+            self._written.add(task_id)
         try:
             if result is not None:
                 if state == states.FAILURE:
@@ -80,8 +83,6 @@ class ScanResultBackend(RedisBackend):
                     raise BackendStoreError("value too large for Redis backend", state=state)
                 key = self.get_key_for_task(task_id)
             self.ensure(self._write, (key, value, rider, state), max_retries=0)
-            if returned:
-                self._written.add(task_id)
         except Exception as exc:  # Redis away: see the module's docstring
             log.warning("task %s: final state and end event not written: %r", task_id, exc)
             return False

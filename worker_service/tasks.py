@@ -16,6 +16,7 @@ from uuid import UUID
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from shared.ports import parse_port_spec
 from shared.protocol import (
@@ -192,7 +193,11 @@ def _progress(task: Task[Any, Any], scan_task_id: str) -> Any:
     # Bound now: a progress event the loop runs only after the task returned (the engine's
     # last one, after a cancel) must not land on the next task's state.
     def update_state(progress: ScanProgress) -> None:
-        task.update_state(scan_task_id, state="PROGRESS", meta=progress.model_dump(mode="json"))
+        try:
+            meta = progress.model_dump(mode="json")
+            task.update_state(scan_task_id, state="PROGRESS", meta=meta)
+        except (RedisError, OSError) as exc:  # progress only: the scan goes on without it
+            log.warning("task %s: progress not stored: %r", scan_task_id, exc)
 
     return update_state
 
