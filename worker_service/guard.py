@@ -21,6 +21,7 @@ from celery.worker.request import Request
 from shared.errors import InvalidScan
 from shared.settings import Settings
 from shared.store import ScanStore, create_pool
+from worker_service.shutdown import release_running
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ class GuardedRequest(Request):
 
 class GuardedConsumer(Consumer):
     connection_errors: tuple[type[BaseException], ...]
+
+    def cancel_active_requests(self) -> None:
+        """At the end of a soft shutdown: the requeues that follow are not lost workers."""
+        release_running(self.app.conf.cybersec_settings)
+        super().cancel_active_requests()
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         log.error("undecodable message dead-lettered: %r", exc)

@@ -252,3 +252,23 @@ async def test_redis_stopped_while_shards_run_loses_no_scan(
     assert row.result is not None
     assert row.result.shards == 3
     assert sorted({p.port for p in row.result.open_ports}) == listeners
+
+
+async def test_a_graceful_shutdown_requeue_is_not_counted_as_a_lost_worker(
+    settings: Settings,
+    run_dir: Path,
+    database: str,
+    api_key: str,
+    store: ScanStore,
+    silent_port: int,
+) -> None:
+    """Five rolling deploys during one long scan must not dead-letter it as poison."""
+    with stack(settings, run_dir, "shutdown", shutdown_timeout=1) as own:
+        accepted = submit(own, api_key, "127.0.0.1", str(silent_port), timeout=20.0)
+        scan_id = UUID(accepted["scan_id"])
+        await row_when(store, scan_id, lambda r: r.state == "running", "scan running")
+        own.worker.stop()
+        row = await store.get(scan_id)
+    assert row is not None
+    # Its next delivery then counts attempts 2, released 1: no lost delivery.
+    assert (row.state, row.attempts, row.released) == ("running", 1, 1)
