@@ -8,8 +8,9 @@ from uuid import UUID
 from starlette.requests import Request
 
 from api_service.errors import ApiError
-from api_service.status import DB_ERRORS
+from shared.errors import DatabaseUnavailable
 from shared.keys import KeyStore, hash_key
+from shared.retry import DATABASE_ERRORS
 
 CACHE_SECONDS = 5.0
 """How long a key stays valid in one process after it was revoked."""
@@ -31,12 +32,12 @@ class Authenticator:
             return cached[0]
         try:
             key_id = await self.keys.lookup(key)
-        except DB_ERRORS as exc:
+        except DATABASE_ERRORS as exc:
             # While PostgreSQL is away, a key seen valid before still reads its scans from
             # Redis; an unknown one cannot be checked.
             if cached is not None and cached[0] is not None:
                 return cached[0]
-            raise ApiError(503, "database unavailable", headers={"Retry-After": "5"}) from exc
+            raise DatabaseUnavailable() from exc
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[digest] = (key_id, now + CACHE_SECONDS)

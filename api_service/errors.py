@@ -10,6 +10,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api_service.responses import ORJSONResponse
+from shared.errors import DatabaseUnavailable
+from shared.retry import DATABASE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,17 @@ async def http_error_handler(_request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, str(exc.detail), headers=headers)
 
 
+RETRY_AFTER_SECONDS = "5"
+
+
+async def database_unavailable_handler(request: Request, exc: Exception) -> Response:
+    """The one 503 for "database unavailable", whether a handler raised DatabaseUnavailable
+    or a PostgreSQL error reached here on its own."""
+    if not isinstance(exc, DatabaseUnavailable):
+        log.warning("database unavailable on %s %s: %r", request.method, request.url.path, exc)
+    return error_response(503, "database unavailable", headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+
 async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal error")
@@ -84,5 +97,7 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     ApiError: api_error_handler,
     HTTPException: http_error_handler,
+    DatabaseUnavailable: database_unavailable_handler,
+    **dict.fromkeys(DATABASE_ERRORS, database_unavailable_handler),
     Exception: unhandled_error_handler,
 }

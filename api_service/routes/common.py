@@ -8,6 +8,7 @@ from uuid import UUID
 from starlette.requests import Request
 
 from api_service.errors import ApiError
+from shared.errors import DatabaseUnavailable
 from shared.logging import bind_scan
 
 if TYPE_CHECKING:
@@ -34,5 +35,5 @@ def task_id_param(request: Request) -> UUID:
     return task_id
 
 
-def db_unavailable() -> ApiError:
-    return ApiError(503, "database unavailable", headers={"Retry-After": "5"})
+def db_unavailable() -> DatabaseUnavailable:
+    return DatabaseUnavailable()

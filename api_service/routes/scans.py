@@ -24,12 +24,12 @@ from api_service.routes.common import (
     services,
     task_id_param,
 )
-from api_service.status import DB_ERRORS
 from shared.errors import ResolutionFailed, TargetDenied
 from shared.logging import bind_scan
 from shared.protocol import build_scan_message, time_limits
 from shared.redis_keys import events_key
 from shared.resolve import resolve_target
+from shared.retry import DATABASE_ERRORS as DB_ERRORS
 from shared.schemas import (
     ScanAccepted,
     ScanCached,
