@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, get_args
 from uuid import UUID
 
 import orjson
@@ -15,7 +15,7 @@ from shared.errors import DatabaseUnavailable
 from shared.protocol import STORING
 from shared.redis_keys import owner_key, parse_owner_value, result_key
 from shared.retry import DATABASE_ERRORS
-from shared.schemas import ScanResult, ScanStatus
+from shared.schemas import EndedScanState, ScanResult, ScanStatus, TaskState
 from shared.store import ScanRow, ScanStore
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class StatusReader:
         return status
 
     async def for_row(self, row: ScanRow) -> ScanStatus:
-        if row.state in ("completed", "failed", "revoked"):
+        if row.state in _ENDED:
             return from_row(row)
         meta = await self._meta(row.task_id)
         status = from_row(row)
@@ -138,7 +138,8 @@ def apply_meta(status: ScanStatus, meta: dict[str, Any]) -> None:
         status.status = "Retrying after a transient failure"
 
 
-_TASK_STATES = {"PENDING", "STARTED", "PROGRESS", "SUCCESS", "FAILURE", "RETRY", "REVOKED"}
+_TASK_STATES = frozenset(get_args(TaskState))
+_ENDED = frozenset(get_args(EndedScanState))
 
 
 def _exception_text(payload: Any) -> str:

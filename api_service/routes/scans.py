@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import logging
 from datetime import UTC, datetime
+from typing import get_args
 from uuid import UUID, uuid4
 
 from starlette.requests import Request
@@ -35,6 +36,7 @@ from shared.schemas import (
     ScanCached,
     ScanPage,
     ScanRequest,
+    ScanState,
     ScanStatus,
     ScanSummary,
     ScanTaskPayload,
@@ -45,7 +47,7 @@ from shared.targets import MAX_HOSTS_LIMIT, TargetError, parse_target
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 255
-SCAN_STATES = ("queued", "running", "completed", "failed", "revoked")
+SCAN_STATES = get_args(ScanState)
 
 
 def accepted_response(
