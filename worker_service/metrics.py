@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 from uuid import UUID
 from wsgiref.simple_server import WSGIServer
 
@@ -42,12 +42,14 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from shared.protocol import MERGE_TASK, SCAN_TASK
 from shared.settings import Settings
 from shared.store import ScanRow
+from worker_service.lifecycle import Outcome
 from worker_service.runtime import get_runtime
 
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-OUTCOMES = ("success", "failure", "revoked", "retry", "sharded")
+OUTCOMES = tuple(dict.fromkeys(ending.label for ending in get_args(Outcome)))
+"""success, sharded, revoked, failure, retry: the labels of ``lifecycle``'s outcomes."""
 OUTCOME_ATTRIBUTE = "cybersec_outcome"
 """Where ``lifecycle.finish`` leaves a delivery's outcome, on the task's request."""
 QUEUE_WAIT_LOOKUP_SECONDS = 2.0

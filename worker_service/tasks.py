@@ -86,12 +86,12 @@ def scan_shard(task: Task[Any, Any], payload: dict[str, Any], parent_id: str, in
         if outcome.merge:
             _publish_merge(task, job, parent_id)
         raise Ignore()
-    if isinstance(outcome, RetryLater | Requeue):
-        store_call: Write = lambda store: store.release_shard(job.scan_id, index)  # noqa: E731
-        runtime.run(TaskEnding(runtime, task, delivery, events, None).write(store_call))
+    owner = row.api_key_id if row is not None else None
+    ending = TaskEnding(runtime, task, delivery, events, owner)
+    if isinstance(outcome, RetryLater | Requeue):  # the shard's own delivery, not the scan's
+        runtime.run(ending.write(lambda store: store.release_shard(job.scan_id, index)))
     elif isinstance(outcome, Failed):
-        owner = row.api_key_id if row is not None else None
-        runtime.run(finish(outcome, TaskEnding(runtime, task, delivery, events, owner)))
+        runtime.run(finish(outcome, ending))
     _answer(task, delivery, outcome)
 
 
