@@ -1,4 +1,4 @@
-"""Helpers of the lifecycle tests: a private Redis, silent listeners, the worker's children."""
+"""Lifecycle test helpers: results, a private Redis, silent listeners, a worker's children."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
+from uuid import UUID
 
 import redis
 
 from bench._stack import free_port
+from shared.schemas import ScanResult
 
 
 @contextmanager
@@ -96,3 +99,22 @@ def kill_children(pid: int) -> int:
         except ProcessLookupError:
             pass
     return killed
+
+
+NOW = datetime(2026, 12, 2, tzinfo=UTC)
+
+
+def scan_result(scan_id: UUID, status: str = "completed") -> ScanResult:
+    return ScanResult.model_validate(
+        {
+            "scan_id": scan_id,
+            "target": "127.0.0.1",
+            "ports": "1",
+            "total_ports_scanned": 1,
+            "open_ports": [],
+            "status": status,
+            "started_at": NOW,
+            "finished_at": NOW,
+            "duration_seconds": 0.0,
+        }
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any, cast
 from uuid import UUID, uuid4
 
@@ -15,6 +14,8 @@ from shared.policy import TargetPolicy
 from shared.schemas import ScanConfig, ScanProgress, ScanResult, ScanTaskPayload
 from shared.settings import Settings
 from shared.store import ScanRow, ScanStore, ShardRow
+from tests.support.lifecycle import NOW
+from tests.support.lifecycle import scan_result as result
 from worker_service.job import deliver_scan
 from worker_service.lifecycle import (
     Cancelled,
@@ -30,24 +31,6 @@ from worker_service.lifecycle import (
     finish,
 )
 from worker_service.reporting import EventLog
-
-NOW = datetime(2026, 12, 2, tzinfo=UTC)
-
-
-def result(scan_id: UUID, status: str = "completed") -> ScanResult:
-    return ScanResult.model_validate(
-        {
-            "scan_id": scan_id,
-            "target": "127.0.0.1",
-            "ports": "1",
-            "total_ports_scanned": 1,
-            "open_ports": [],
-            "status": status,
-            "started_at": NOW,
-            "finished_at": NOW,
-            "duration_seconds": 0.0,
-        }
-    )
 
 
 class FakeStore:
