@@ -220,8 +220,9 @@ async def deliver_scan(
         # Cancelled while it was running nowhere: its worker was lost, or it waited out a
         # retry's countdown. Nothing is probed now.
         return Cancelled(not_started(job)), row
-    if row.shards_total is not None:
-        return await _shard(store, delivery, job, list(row.addresses), [], settings), row
+    if row.shards_total is not None:  # redelivered after its shards were recorded
+        addresses = list(row.addresses)
+        return await _shard(store, delivery, job, addresses, [], settings, row.shards_total), row
     target = parse_target(job.target, max_hosts=settings.max_hosts)
     try:
         addresses = await resolve_target(target, runtime.policy, timeout=settings.resolve_timeout)
@@ -248,6 +249,7 @@ async def _shard(
     addresses: list[str],
     plan: list[Shard],
     settings: Settings,
+    shards: int | None = None,
 ) -> Outcome:
     """Record the shards (a redelivery finds them recorded) and hand those with no outcome yet
     to the task layer to publish. The scan may then be reaped only after every shard and the
@@ -264,7 +266,7 @@ async def _shard(
     except TRANSIENT_ERRORS as exc:
         return RetryLater(f"database unavailable while sharding: {exc!r}")
     probes = len(addresses) * len(parse_port_spec(job.ports))
-    return Sharded(len(plan) or len(pending), probes, tuple(pending))
+    return Sharded(shards or len(plan), probes, tuple(pending))
 
 
 def shard_limits(job: ScanTaskPayload, shard: Shard, settings: Settings) -> tuple[int, int]:

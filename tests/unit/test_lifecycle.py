@@ -274,3 +274,18 @@ async def test_a_database_away_before_the_start_retries_then_requeues() -> None:
     assert isinstance(first, RetryLater)
     last = await deliver(payload, FakeStore(down=True), retries=3, soft=0.2)
     assert isinstance(last, Requeue)
+
+
+async def test_a_redelivered_sharded_scan_publishes_its_unfinished_shards_again() -> None:
+    """Shard rows are written before any shard is published: a worker lost in between leaves
+    a redelivery that finds them and publishes those with no outcome (the chord's marker, set
+    before publishing, lost the scan instead)."""
+    payload = job(ports="1-200")
+    store = FakeStore(row_of(payload, shards_total=4, addresses=("127.0.0.1",)))
+    unfinished = ShardRow(payload.scan_id, 2, ("127.0.0.1",), "101-150", 0, 0, None, None, None)
+    store.pending = [unfinished]
+    outcome = await deliver(payload, store)
+    assert isinstance(outcome, Sharded)
+    assert outcome.pending == (unfinished,)
+    assert (outcome.shards, outcome.probes) == (4, 200)
+    assert names(store) == ["mark_running", "start_shards"]
