@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import ClassVar, Literal
 
 import orjson
 from pydantic import BaseModel
@@ -30,6 +30,7 @@ from shared.retry import TRANSIENT_ERRORS, retry
 from shared.schemas import PortResult, ScanProgress, ScanResult, ScanTaskPayload
 from shared.store import ScanRow, ShardOutcome, ShardRow
 from shared.targets import parse_target
+from worker_service.fingerprint import ServiceInfo
 from worker_service.job import (
     Runtime,
     identify_services,
@@ -303,7 +304,7 @@ class Merge:
             for address, port, reason in shard.open:
                 found.setdefault(address, set()).add((port, reason))
         self.found = {address: sorted(ports) for address, ports in sorted(found.items())}
-        self.services: dict[str, dict[int, Any]] = {}
+        self.services: dict[str, dict[int, ServiceInfo]] = {}
 
     async def identify(self) -> None:
         if not self.job.config.service_detection:
@@ -312,7 +313,7 @@ class Merge:
             ports = [p for p, _ in found]
             self.services[address] = await identify_services(address, ports, self.job.config)
 
-    def result(self, status: str = "completed") -> ScanResult:
+    def result(self, status: Literal["completed", "revoked"] = "completed") -> ScanResult:
         open_ports: list[PortResult] = []
         for address, found in self.found.items():
             services = self.services.get(address, {})
@@ -320,7 +321,7 @@ class Merge:
         scanned = sum(s.scanned for s in self.shards)
         total = len(parse_port_spec(self.job.ports)) * len(self.addresses)
         finished = datetime.now(UTC)
-        cancelled = status != "completed"
+        cancelled = status == "revoked"
         return ScanResult(
             scan_id=self.job.scan_id,
             target=self.job.target,
@@ -330,7 +331,7 @@ class Merge:
             open_ports=open_ports,
             closed_ports=sum(s.closed for s in self.shards),
             filtered_ports=sum(s.filtered for s in self.shards),
-            status="revoked" if cancelled else "completed",
+            status=status,
             progress=min(99, scanned * 100 // max(1, total)) if cancelled else 100,
             started_at=self.started,
             finished_at=finished,
