@@ -31,6 +31,7 @@ from worker_service.lifecycle import (
     finish,
 )
 from worker_service.reporting import EventLog
+from worker_service.sharding import Recorded, deliver_shard
 
 
 class FakeStore:
@@ -289,3 +290,63 @@ async def test_a_redelivered_sharded_scan_publishes_its_unfinished_shards_again(
     assert outcome.pending == (unfinished,)
     assert (outcome.shards, outcome.probes) == (4, 200)
     assert names(store) == ["mark_running", "start_shards"]
+
+
+class ShardStore(FakeStore):
+    def __init__(self, shard: ShardRow, row: ScanRow) -> None:
+        super().__init__(row)
+        self.shard = shard
+
+    async def shard_started(
+        self, scan_id: UUID, index: int, reap: float
+    ) -> tuple[ShardRow, ScanRow] | None:
+        assert self.row is not None
+        return self.shard, self.row
+
+    async def record_shard(self, *args: Any) -> bool:
+        self.calls.append(("record_shard", args))
+        return False
+
+
+async def deliver_a_shard(store: ShardStore, payload: ScanTaskPayload) -> Any:
+    def progress(_: ScanProgress) -> None:
+        raise AssertionError("no progress expected")
+
+    events = cast(EventLog, None)
+    delivery = Delivery("shard-task", 0, 60, 90)
+    outcome, _row = await deliver_shard(FakeRuntime(store), delivery, payload, 0, events, progress)
+    return outcome
+
+
+def shard_of(payload: ScanTaskPayload, address: str, **changes: Any) -> ShardRow:
+    shard = ShardRow(payload.scan_id, 0, (address,), "1-10", 1, 0, None, None, None)
+    return replace(shard, **changes)
+
+
+async def test_a_shard_rechecks_the_target_policy_and_fails_the_scan() -> None:
+    payload = job(target="127.0.0.64/28", ports="1-10")
+    store = ShardStore(shard_of(payload, "127.0.0.66"), row_of(payload))
+    outcome = await deliver_a_shard(store, payload)
+    assert isinstance(outcome, Failed)
+    assert outcome.reason.startswith("shard 0: ")
+    assert "127.0.0.66" in outcome.reason
+    [(name, args)] = store.calls
+    assert (name, args[2]) == ("record_shard", "failed")
+
+
+async def test_a_shard_of_a_cancelled_scan_probes_nothing() -> None:
+    payload = job(ports="1-10")
+    row = row_of(payload, cancel_requested=True)
+    store = ShardStore(shard_of(payload, "127.0.0.1"), row)
+    assert isinstance(await deliver_a_shard(store, payload), Recorded)
+    [(name, args)] = store.calls
+    assert (name, args[2], args[3]["scanned"]) == ("record_shard", "cancelled", 0)
+
+
+async def test_a_shard_lost_five_times_is_dead_lettered() -> None:
+    payload = job(ports="1-10")
+    store = ShardStore(shard_of(payload, "127.0.0.1", attempts=6), row_of(payload))
+    outcome = await deliver_a_shard(store, payload)
+    assert isinstance(outcome, Failed)
+    assert outcome.dead_letter
+    assert store.calls == []
