@@ -16,10 +16,12 @@ from typing import TypeVar
 
 import asyncpg
 
+from shared.errors import TransientError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+_UNREACHABLE: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,
     # A server shutting down or starting up: admin shutdown, crash, "cannot connect now".
     asyncpg.exceptions.OperatorInterventionError,
@@ -29,9 +31,12 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     # container's name): all OSError. TimeoutError is one too, since Python 3.11.
     OSError,
 )
-"""Errors after which the same call may succeed: worth a retry."""
 
-DATABASE_ERRORS: tuple[type[Exception], ...] = (asyncpg.PostgresError, *TRANSIENT_ERRORS)
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (*_UNREACHABLE, TransientError)
+"""Errors after which the same call may succeed: worth a retry (our own ``TransientError``s
+included)."""
+
+DATABASE_ERRORS: tuple[type[Exception], ...] = (asyncpg.PostgresError, *_UNREACHABLE)
 """Everything a PostgreSQL call can raise when the database is not answering as it should; the
 gateway answers them all with 503 "database unavailable" (a client can do nothing else)."""
 

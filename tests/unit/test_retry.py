@@ -7,6 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
+from shared.errors import DatabaseUnavailable, TargetDenied
 from shared.retry import Deadline, RetryPolicy, backoff, is_transient, retry
 
 FAST = RetryPolicy(base=0.001, cap=0.002)
@@ -18,6 +19,8 @@ def test_what_is_transient() -> None:
     assert is_transient(asyncpg.CannotConnectNowError())
     assert not is_transient(asyncpg.UndefinedTableError())
     assert not is_transient(ValueError())
+    assert is_transient(DatabaseUnavailable())
+    assert not is_transient(TargetDenied("no"))
 
 
 def test_backoff_is_full_jitter_under_a_cap() -> None:
