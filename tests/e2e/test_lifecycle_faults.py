@@ -179,11 +179,17 @@ async def test_a_shard_whose_worker_dies_on_every_delivery_is_dead_lettered(
     assert "delivered 5 times" in row.error, row.error
     assert "dead-letter" in row.error
     assert kills >= 5
+    # The row is failed first, then the message rejected into the dead-letter queue.
     connection = await aio_pika.connect(lifecycle.settings.broker_url)
     async with connection:
         channel = await connection.channel()
-        dead = await channel.declare_queue(lifecycle.settings.dead_letter_queue, passive=True)
-        assert (dead.declaration_result.message_count or 0) >= 1
+        deadline = time.monotonic() + 10
+        while True:
+            dead = await channel.declare_queue(lifecycle.settings.dead_letter_queue, passive=True)
+            if (dead.declaration_result.message_count or 0) >= 1:
+                break
+            assert time.monotonic() < deadline, "nothing dead-lettered"
+            await asyncio.sleep(0.05)
 
 
 async def test_a_scan_left_running_with_no_worker_is_reaped(
