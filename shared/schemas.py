@@ -8,7 +8,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.ports import format_port_spec, parse_port_spec
+from shared.ports import format_port_ranges, parse_port_ranges
 from shared.targets import MAX_HOSTS_LIMIT, parse_target
 
 Priority = Literal["low", "normal", "high", "critical"]
@@ -50,7 +50,7 @@ class ScanRequest(_Strict):
     @field_validator("ports")
     @classmethod
     def _ports(cls, value: str) -> str:
-        return format_port_spec(parse_port_spec(value))
+        return format_port_ranges(parse_port_ranges(value))
 
 
 class ScanTaskPayload(_Strict):
