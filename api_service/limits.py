@@ -15,7 +15,7 @@ from typing import Any
 from uuid import UUID
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError
 
 from api_service.errors import ApiError
 from shared.batching import Batcher
@@ -94,7 +94,8 @@ class Limiter:
         """Count a submission and record its owner; raise 429 when the key is over either limit.
 
         When Redis is unreachable submissions are admitted (and logged): a result-backend
-        outage must not stop scanning, and PostgreSQL still records every scan.
+        outage must not stop scanning, and PostgreSQL still records every scan. A pool with
+        no connection left is not an outage, it is load: that is a 503, never an admission.
         """
         now = time.time()
         window = int(now // 60)
@@ -114,6 +115,8 @@ class Limiter:
                     ],
                 )
             )
+        except MaxConnectionsError:
+            raise _busy() from None
         except (RedisError, OSError) as exc:
             log.warning("rate limiter unavailable, admitting: %r", exc)
             return
@@ -130,8 +133,37 @@ class Limiter:
                 headers={"Retry-After": "5"},
             )
 
+    async def charge(self, owner: UUID) -> None:
+        """Count a refused submission against the key's rate: 429 once it is over.
+
+        A request that fails validation or the target policy costs the gateway work too, so
+        it is counted like an admitted one (only its active-scan slot is not taken)."""
+        now = time.time()
+        key = rate_key(self.prefix, owner, int(now // 60))
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.incr(key)
+                pipe.expire(key, 61 - int(now % 60), nx=True)
+                pipe.ttl(key)
+                count, _set, ttl = await pipe.execute()
+        except MaxConnectionsError:
+            raise _busy() from None
+        except (RedisError, OSError) as exc:
+            log.warning("rate limiter unavailable, not counting a refusal: %r", exc)
+            return
+        if int(count) > self.per_minute:
+            raise ApiError(
+                429,
+                f"over {self.per_minute} scan submissions per minute",
+                headers={"Retry-After": str(max(1, int(ttl)))},
+            )
+
     async def release(self, owner: UUID, task_id: UUID) -> None:
         try:
             await self.redis.zrem(active_key(self.prefix, owner), str(task_id))
         except (RedisError, OSError) as exc:
             log.warning("could not release active slot of %s: %r", task_id, exc)
+
+
+def _busy() -> ApiError:
+    return ApiError(503, "too busy to check the limits; retry", headers={"Retry-After": "1"})

@@ -84,6 +84,17 @@ class Settings(BaseSettings):
     resolve_timeout: float = Field(default=3.0, gt=0)
     """Seconds the gateway and the worker wait for a hostname to resolve."""
 
+    # --- hardening (issue 16): bounds an attacker with a valid key cannot switch off ---
+    max_event_streams_per_key: int = Field(default=8, ge=1)
+    """Event streams one API key may hold open at once, per API process (over: 429)."""
+    max_event_streams: int = Field(default=200, ge=1, le=10_000)
+    """Event streams one API process holds open at once (over: 429); they read Redis through
+    a pool of their own this size, never the limiter's."""
+    max_concurrent_lookups: int = Field(default=16, ge=1, le=1024)
+    """Host-name lookups one API process runs at once; more wait within the resolve timeout."""
+    auth_stale_seconds: float = Field(default=60.0, ge=0)
+    """How long after its last check a key is still honoured while PostgreSQL is away."""
+
     @field_validator("api_keys", "target_allow", "target_deny", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:

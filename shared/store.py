@@ -278,6 +278,15 @@ class ScanStore:
         )
         return ScanRow.from_record(record) if record is not None else None
 
+    async def ended_among(self, task_ids: Sequence[UUID]) -> set[UUID]:
+        """Which of these tasks' scans are over: one query for every open event stream."""
+        records = await self.pool.fetch(
+            "SELECT task_id FROM scans WHERE task_id = ANY($1::uuid[])"
+            " AND state IN ('completed', 'failed', 'revoked')",
+            list(task_ids),
+        )
+        return {record["task_id"] for record in records}
+
     async def request_cancel(self, task_id: UUID, owner: UUID) -> ScanRow | None:
         """Flag the scan for cancellation; a queued one is revoked at once, before any worker
         sees it. Finished scans are left as they are."""
