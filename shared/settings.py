@@ -13,6 +13,30 @@ from shared.targets import MAX_HOSTS_LIMIT
 
 ENV_PREFIX = "CYBERSEC_"
 
+PLACEHOLDERS = frozenset(
+    {
+        "change-me",
+        "changeme",
+        "secret",
+        "password",
+        "dev",
+        "dev-local-key",
+        "cybersec",
+        "guest",
+        "replace-with-a-long-random-key-1",
+        "replace-with-a-long-random-key-2",
+    }
+)
+"""Every secret shipped in this repository's examples (env example, compose, chart values):
+``production`` refuses them. tests/deploy checks that the examples hold no other."""
+
+
+def is_placeholder(secret: str | None) -> bool:
+    if not secret:
+        return False
+    text = secret.lower()
+    return text in PLACEHOLDERS or "change-me" in text or text.startswith("replace-with")
+
 
 class Settings(BaseSettings):
     """Everything a process of either service needs to know about its surroundings."""
@@ -109,8 +133,13 @@ class Settings(BaseSettings):
         broker = urlsplit(self.broker_url)
         if broker.username == "guest" and broker.password == "guest":  # noqa: S105
             raise ValueError("CYBERSEC_BROKER_URL uses guest/guest; set real credentials")
+        for name in ("broker_url", "redis_url", "database_url"):
+            if is_placeholder(urlsplit(getattr(self, name)).password):
+                raise ValueError(
+                    f"CYBERSEC_{name.upper()} holds a placeholder password from the examples"
+                )
         for key in self.api_keys:
-            if len(key) < 24 or key.lower() in {"changeme", "change-me", "secret", "dev"}:
+            if len(key) < 24 or is_placeholder(key):
                 raise ValueError("CYBERSEC_API_KEYS holds a placeholder or short key")
         return self
 

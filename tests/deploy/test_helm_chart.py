@@ -14,6 +14,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from .conftest import (
     API_ONLY_ENV,
@@ -22,6 +23,7 @@ from .conftest import (
     URL_ENV,
     heartbeat_probe_exit_codes,
     load_settings,
+    real_secrets,
 )
 
 KUBE_VERSION = "1.30.0"
@@ -246,7 +248,13 @@ def test_every_setting_is_provided(rendered: Rendered, component: str) -> None:
 def test_rendered_environment_parses_as_settings(
     rendered: Rendered, component: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = load_settings(monkeypatch, rendered.container_env(component))
+    env = rendered.container_env(component)
+    if any("change-me" in value for value in env.values()):
+        # The chart's placeholder passwords are refused in production, as they must be.
+        with pytest.raises(ValidationError, match="placeholder"):
+            load_settings(monkeypatch, env)
+        env = real_secrets(env)
+    settings = load_settings(monkeypatch, env)
     values = rendered.values
     assert settings.queue_prefix == values["config"]["queuePrefix"]
     assert settings.shutdown_timeout == values["worker"]["shutdownTimeout"]
@@ -257,8 +265,9 @@ def test_rendered_environment_parses_as_settings(
     else:
         assert ports == {"metrics": settings.metrics_port}
     if not values["secrets"]["existingSecret"]:
-        assert settings.broker_url == values["secrets"]["brokerUrl"]
-        assert settings.database_url == values["secrets"]["databaseUrl"]
+        secrets = real_secrets({name: str(v) for name, v in values["secrets"].items()})
+        assert settings.broker_url == secrets["brokerUrl"]
+        assert settings.database_url == secrets["databaseUrl"]
 
 
 def test_large_numbers_reach_the_environment_as_integers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -266,7 +275,7 @@ def test_large_numbers_reach_the_environment_as_integers(monkeypatch: pytest.Mon
     env = rendered.container_env("worker")
     assert env["CYBERSEC_RESULT_TTL"] == "2592000"
     assert env["CYBERSEC_MAX_HOSTS"] == "65536"
-    settings = load_settings(monkeypatch, env)
+    settings = load_settings(monkeypatch, real_secrets(env))
     assert (settings.result_ttl, settings.max_hosts) == (2_592_000, 65_536)
 
 
@@ -276,7 +285,7 @@ def test_large_numbers_reach_the_environment_as_integers(monkeypatch: pytest.Mon
 def test_keda_scales_workers_on_the_queue_they_consume(monkeypatch: pytest.MonkeyPatch) -> None:
     rendered = render_case("keda-values.yaml")
     scaling = rendered.values["worker"]["autoscaling"]
-    worker_settings = load_settings(monkeypatch, rendered.container_env("worker"))
+    worker_settings = load_settings(monkeypatch, real_secrets(rendered.container_env("worker")))
     scaled_object = rendered.get("ScaledObject", f"{FULLNAME}-worker")
     spec = scaled_object["spec"]
     assert spec["scaleTargetRef"] == {
