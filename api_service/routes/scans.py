@@ -37,7 +37,7 @@ from shared.schemas import (
     ScanSummary,
     ScanTaskPayload,
 )
-from shared.store import ScanRow
+from shared.store import ScanListing
 from shared.targets import MAX_HOSTS_LIMIT, TargetError, parse_target
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ async def scan_status(request: Request) -> Response:
     return ORJSONResponse(status.model_dump(mode="json", exclude_none=True))
 
 
-def _encode_cursor(row: ScanRow) -> str:
+def _encode_cursor(row: ScanListing) -> str:
     raw = f"{row.created_at.isoformat()}|{row.id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -293,7 +293,7 @@ async def list_scans(request: Request) -> Response:
     return ORJSONResponse(page.model_dump(mode="json"))
 
 
-def summary(row: ScanRow) -> ScanSummary:
+def summary(row: ScanListing) -> ScanSummary:
     return ScanSummary(
         task_id=row.task_id,
         scan_id=row.id,
@@ -303,7 +303,7 @@ def summary(row: ScanRow) -> ScanSummary:
         state=row.state,
         created_at=row.created_at,
         finished_at=row.finished_at,
-        open_ports=len(row.result.open_ports) if row.result is not None else None,
+        open_ports=row.open_port_count,
         error=row.error,
     )
 

@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import asyncpg
 import httpx
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.e2e
 RATE = 5
 STREAMS_PER_KEY = 4
 STREAMS = 12
-KEYS = 11
+KEYS = 12
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ async def test_an_exhausted_redis_pool_is_not_read_as_redis_down(settings: Setti
     client = aioredis.Redis(connection_pool=pool)
     prefix = f"{settings.redis_prefix}abuse-{uuid4().hex[:6]}:"
     limiter = Limiter(client, prefix, per_minute=RATE, max_active=5)
-    held = await pool.get_connection()
+    held = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
         with pytest.raises(ApiError) as refused:
             await limiter.admit(uuid4(), uuid4(), uuid4(), 60)
@@ -270,3 +270,31 @@ def test_a_star_allow_does_not_open_loopback_or_metadata(
     # Neither the address it resolved to nor the rule that matched is told.
     for leak in ("127.0.0.1", "169.254", "loopback", "link-local", "default"):
         assert leak not in error["message"]
+
+
+# --- 4. the list reads a summary column, never the results -----------------------------------
+
+
+async def test_the_list_counts_open_ports_without_loading_results(abuse: Settings) -> None:
+    """Before: a page of 200 loaded and validated 200 full results to count their ports; a
+    result the schema no longer reads broke the whole list."""
+    with client_for(abuse, 11) as client:
+        task_id = queued_scan(client)
+    conn = await asyncpg.connect(abuse.database_url)
+    try:
+        await conn.execute(
+            "UPDATE scans SET state = 'completed', finished_at = now(),"
+            " result = $2::jsonb WHERE task_id = $1",
+            UUID(task_id),
+            '{"open_ports": [{"port": 22}, {"port": 80}], "open_ports_omitted": 5,'
+            ' "not_in_the_schema": true}',
+        )
+    finally:
+        await conn.close()
+    async with httpx.AsyncClient(
+        base_url=base_url(abuse), headers=auth(abuse.api_keys[11]), timeout=20
+    ) as client:
+        listed = await client.get("/api/scans", params={"limit": 200})
+    assert listed.status_code == 200, listed.text
+    [item] = [i for i in listed.json()["items"] if i["task_id"] == task_id]
+    assert item["open_ports"] == 7

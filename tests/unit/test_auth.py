@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import cast
 from uuid import UUID, uuid4
 
 import pytest
 
-from api_service import auth
 from api_service.auth import Authenticator
 from api_service.errors import ApiError
 from shared.keys import KeyStore
@@ -30,7 +30,7 @@ async def test_a_cached_key_outlives_a_database_outage_only_for_its_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     now = [1000.0]
-    monkeypatch.setattr(auth.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
     keys = FlakyKeys(uuid4())
     authenticator = Authenticator(cast(KeyStore, keys), stale_seconds=60)
     assert await authenticator.key_id("k") == keys.key_id
