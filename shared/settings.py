@@ -31,6 +31,15 @@ PLACEHOLDERS = frozenset(
 ``production`` refuses them. tests/deploy checks that the examples hold no other."""
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+
+
 def is_placeholder(secret: str | None) -> bool:
     if not secret:
         return False
