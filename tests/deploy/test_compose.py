@@ -128,4 +128,4 @@ def test_the_stack_never_scans_its_own_network(services: dict[str, Any]) -> None
         policy = TargetPolicy(deny=deny, own=())
         for address in list(ipaddress.ip_network(subnet).hosts())[:4]:
             with pytest.raises(TargetDenied):
-                policy.check_address(address)
+                policy.check_address(str(address))
