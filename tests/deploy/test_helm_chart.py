@@ -484,7 +484,7 @@ PUBLIC_PATHS = [("/api", "Prefix"), ("/healthz", "Exact"), ("/readyz", "Exact")]
     ("expose", "extra"),
     [
         ({}, []),
-        ({"exposeDocs": True}, [("/docs", "Exact"), ("/openapi.json", "Exact")]),
+        ({"exposeDocs": True}, [("/docs", "Prefix"), ("/openapi.json", "Exact")]),
         ({"exposeMetrics": True}, [("/metrics", "Exact")]),
     ],
 )
