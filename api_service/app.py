@@ -96,6 +96,7 @@ def create_app(settings: Settings) -> Starlette:
                 settings.rate_limit_per_minute,
                 settings.max_active_scans,
                 owner_ttl=settings.result_ttl,
+                critical_per_minute=settings.critical_per_minute,
             ),
             policy=TargetPolicy(settings.target_allow, settings.target_deny),
             events=EventWriter(redis, settings.redis_prefix, settings.result_ttl),

@@ -19,7 +19,7 @@ from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError
 
 from api_service.errors import ApiError
 from shared.batching import Batcher
-from shared.redis_keys import active_key, owner_key, owner_value, rate_key
+from shared.redis_keys import active_key, critical_key, owner_key, owner_value, rate_key
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,12 @@ class Limiter:
         per_minute: int,
         max_active: int,
         owner_ttl: int = 86_400,
+        critical_per_minute: int | None = None,
     ) -> None:
+        """``critical_per_minute``: the key's share of the critical level, in submissions a
+        minute (None: no share of its own, only the rate)."""
         self.redis = redis
+        self.critical_per_minute = critical_per_minute
         self.prefix = prefix
         self.per_minute = per_minute
         self.max_active = max_active
@@ -133,13 +137,24 @@ class Limiter:
                 headers={"Retry-After": "5"},
             )
 
-    async def charge(self, owner: UUID) -> None:
-        """Count a refused submission against the key's rate: 429 once it is over.
+    async def admit_critical(self, owner: UUID) -> None:
+        """Count a critical submission against the key's share of the critical level; 429
+        over it. A key's critical scans jump every queue, so it gets only a share of them."""
+        if self.critical_per_minute is None:
+            return
+        count, ttl = await self._count(critical_key(self.prefix, owner, int(time.time() // 60)))
+        if count > self.critical_per_minute:
+            raise ApiError(
+                429,
+                f"over {self.critical_per_minute} critical-priority submissions per minute;"
+                " send it with a lower priority",
+                field="priority",
+                headers={"Retry-After": str(max(1, ttl))},
+            )
 
-        A request that fails validation or the target policy costs the gateway work too, so
-        it is counted like an admitted one (only its active-scan slot is not taken)."""
+    async def _count(self, key: str) -> tuple[int, int]:
+        """INCR a per-minute counter; (count, seconds left). (0, 0) while Redis is away."""
         now = time.time()
-        key = rate_key(self.prefix, owner, int(now // 60))
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.incr(key)
@@ -149,9 +164,17 @@ class Limiter:
         except MaxConnectionsError:
             raise _busy() from None
         except (RedisError, OSError) as exc:
-            log.warning("rate limiter unavailable, not counting a refusal: %r", exc)
-            return
-        if int(count) > self.per_minute:
+            log.warning("rate limiter unavailable, not counting: %r", exc)
+            return 0, 0
+        return int(count), int(ttl)
+
+    async def charge(self, owner: UUID) -> None:
+        """Count a refused submission against the key's rate: 429 once it is over.
+
+        A request that fails validation or the target policy costs the gateway work too, so
+        it is counted like an admitted one (only its active-scan slot is not taken)."""
+        count, ttl = await self._count(rate_key(self.prefix, owner, int(time.time() // 60)))
+        if count > self.per_minute:
             raise ApiError(
                 429,
                 f"over {self.per_minute} scan submissions per minute",

@@ -127,6 +127,15 @@ class Settings(BaseSettings):
     """Host-name lookups one API process runs at once; more wait within the resolve timeout."""
     auth_stale_seconds: float = Field(default=60.0, ge=0)
     """How long after its last check a key is still honoured while PostgreSQL is away."""
+    critical_share: float = Field(default=0.25, gt=0, le=1)
+    """Share of ``rate_limit_per_minute`` a key may submit with priority ``critical`` (at least
+    one a minute; 1: no bound of its own)."""
+
+    @property
+    def critical_per_minute(self) -> int | None:
+        if self.critical_share >= 1:
+            return None
+        return max(1, int(self.rate_limit_per_minute * self.critical_share))
 
     @field_validator("api_keys", "target_allow", "target_deny", mode="before")
     @classmethod

@@ -132,6 +132,8 @@ async def submit_scan(request: Request) -> Response:
     hard_limit, _soft = time_limits(
         payload, parsed.port_count, parsed.hosts, cap=svc.settings.max_scan_seconds
     )
+    if scan.priority == "critical":
+        await svc.limiter.admit_critical(owner)
     # Admitted (and counted) before the lookup: a host name costs a resolution, so it costs
     # the key a submission whether or not it is then refused.
     await svc.limiter.admit(owner, task_id, scan_id, hard_limit)

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.e2e
 RATE = 5
 STREAMS_PER_KEY = 4
 STREAMS = 12
-KEYS = 12
+KEYS = 13
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +298,23 @@ async def test_the_list_counts_open_ports_without_loading_results(abuse: Setting
     assert listed.status_code == 200, listed.text
     [item] = [i for i in listed.json()["items"] if i["task_id"] == task_id]
     assert item["open_ports"] == 7
+
+
+# --- low: a key's share of the critical level --------------------------------------------------
+
+
+def test_a_key_gets_only_its_share_of_the_critical_level(abuse: Settings) -> None:
+    """Before, a key could send every scan 'critical' and jump every other key's queue."""
+    assert abuse.critical_per_minute == 1
+    body = {"target": "127.0.0.2", "ports": "1", "priority": "critical"}
+    with client_for(abuse, 12) as client:
+        first = client.post("/api/scan", json=body)
+        assert first.status_code == 202, first.text
+        second = client.post("/api/scan", json=body)
+        assert second.status_code == 429, second.text
+        assert second.json()["error"]["field"] == "priority"
+        assert second.headers["retry-after"]
+        lower = client.post("/api/scan", json={**body, "priority": "high"})
+        assert lower.status_code == 202, lower.text
+        for answer in (first, lower):
+            client.delete(f"/api/scan/{answer.json()['task_id']}")
