@@ -132,3 +132,23 @@ def test_a_lone_star_matches_every_hostname() -> None:
     for name in ("localhost", "a.b.example"):
         with pytest.raises(TargetDenied):
             policy.check_hostname(name)
+
+
+async def test_lookups_beyond_the_bound_wait_within_the_timeout() -> None:
+    """Lookups ran on the loop's small thread pool without bound; now a turn is needed, and
+    waiting for one counts against the resolve timeout."""
+    import asyncio
+
+    from shared.errors import ResolutionFailed
+    from shared.resolve import resolve_target
+    from shared.targets import parse_target
+
+    lookups = asyncio.Semaphore(1)
+    policy = TargetPolicy(allow=["127.0.0.0/8", "::1"], own=())
+    await lookups.acquire()  # every turn taken
+    with pytest.raises(ResolutionFailed, match="did not resolve within"):
+        await resolve_target(parse_target("localhost"), policy, timeout=0.2, lookups=lookups)
+    lookups.release()
+    addresses = await resolve_target(parse_target("localhost"), policy, timeout=3, lookups=lookups)
+    assert "127.0.0.1" in addresses
+    assert not lookups.locked()  # the turn came back when the lookup ended
