@@ -106,7 +106,11 @@ class EventStreams:
         """The one PostgreSQL poll of this process, whatever the number of open streams."""
         while True:
             await asyncio.sleep(WATCH_SECONDS)
-            await self.check_once()
+            try:
+                await self.check_once()
+            except Exception:
+                # Streams still end on their own end event meanwhile; the watcher must not die.
+                log.exception("event stream watcher failed; trying again")
 
     async def check_once(self) -> None:
         if not self._watched:
