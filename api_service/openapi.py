@@ -35,7 +35,7 @@ _DESCRIPTIONS = {
     415: "Body is not application/json",
     422: "Request violates the schema or a bound",
     429: "Over a per-key limit; see Retry-After",
-    503: "Broker or database unavailable; see Retry-After",
+    503: "Broker, database or limiter unavailable; see Retry-After",
 }
 
 
@@ -179,7 +179,7 @@ def build_openapi() -> dict[str, Any]:
                             "description": "`progress`, `port` and a final `end` event",
                             "content": {"text/event-stream": {"schema": {"type": "string"}}},
                         },
-                        **_errors(401, 404, 422, 503),
+                        **_errors(401, 404, 422, 429, 503),
                     },
                 },
             },

@@ -13,7 +13,7 @@ from rich.table import Table
 from cybersec_cli import client
 from shared.keys import KeyStore
 from shared.migrate import migrate as apply_migrations
-from shared.settings import load_settings
+from shared.settings import load_settings, redact_url
 from shared.store import create_pool
 
 T = TypeVar("T")
@@ -34,7 +34,9 @@ def migrate() -> None:
     try:
         applied = asyncio.run(apply_migrations(settings.database_url))
     except OSError as exc:
-        console.print(f"[red]PostgreSQL unreachable at {settings.database_url}: {exc}[/red]")
+        console.print(
+            f"[red]PostgreSQL unreachable at {redact_url(settings.database_url)}: {exc}[/red]"
+        )
         raise typer.Exit(2) from None
     if applied:
         console.print(f"applied: {', '.join(applied)}")
@@ -61,7 +63,9 @@ def with_keys(action: Callable[[KeyStore], Awaitable[T]]) -> T:
     try:
         return asyncio.run(run())
     except OSError as exc:
-        console.print(f"[red]PostgreSQL unreachable at {settings.database_url}: {exc}[/red]")
+        console.print(
+            f"[red]PostgreSQL unreachable at {redact_url(settings.database_url)}: {exc}[/red]"
+        )
         raise typer.Exit(2) from None
 
 

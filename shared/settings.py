@@ -13,6 +13,39 @@ from shared.targets import MAX_HOSTS_LIMIT
 
 ENV_PREFIX = "CYBERSEC_"
 
+PLACEHOLDERS = frozenset(
+    {
+        "change-me",
+        "changeme",
+        "secret",
+        "password",
+        "dev",
+        "dev-local-key",
+        "cybersec",
+        "guest",
+        "replace-with-a-long-random-key-1",
+        "replace-with-a-long-random-key-2",
+    }
+)
+"""Every secret shipped in this repository's examples (env example, compose, chart values):
+``production`` refuses them. tests/deploy checks that the examples hold no other."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+
+
+def is_placeholder(secret: str | None) -> bool:
+    if not secret:
+        return False
+    text = secret.lower()
+    return text in PLACEHOLDERS or "change-me" in text or text.startswith("replace-with")
+
 
 class Settings(BaseSettings):
     """Everything a process of either service needs to know about its surroundings."""
@@ -84,6 +117,26 @@ class Settings(BaseSettings):
     resolve_timeout: float = Field(default=3.0, gt=0)
     """Seconds the gateway and the worker wait for a hostname to resolve."""
 
+    # --- hardening (issue 16): bounds an attacker with a valid key cannot switch off ---
+    max_event_streams_per_key: int = Field(default=8, ge=1)
+    """Event streams one API key may hold open at once, per API process (over: 429)."""
+    max_event_streams: int = Field(default=200, ge=1, le=10_000)
+    """Event streams one API process holds open at once (over: 429); they read Redis through
+    a pool of their own this size, never the limiter's."""
+    max_concurrent_lookups: int = Field(default=16, ge=1, le=1024)
+    """Host-name lookups one API process runs at once; more wait within the resolve timeout."""
+    auth_stale_seconds: float = Field(default=60.0, ge=0)
+    """How long after its last check a key is still honoured while PostgreSQL is away."""
+    critical_share: float = Field(default=0.25, gt=0, le=1)
+    """Share of ``rate_limit_per_minute`` a key may submit with priority ``critical`` (at least
+    one a minute; 1: no bound of its own)."""
+
+    @property
+    def critical_per_minute(self) -> int | None:
+        if self.critical_share >= 1:
+            return None
+        return max(1, int(self.rate_limit_per_minute * self.critical_share))
+
     @field_validator("api_keys", "target_allow", "target_deny", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
@@ -98,8 +151,13 @@ class Settings(BaseSettings):
         broker = urlsplit(self.broker_url)
         if broker.username == "guest" and broker.password == "guest":  # noqa: S105
             raise ValueError("CYBERSEC_BROKER_URL uses guest/guest; set real credentials")
+        for name in ("broker_url", "redis_url", "database_url"):
+            if is_placeholder(urlsplit(getattr(self, name)).password):
+                raise ValueError(
+                    f"CYBERSEC_{name.upper()} holds a placeholder password from the examples"
+                )
         for key in self.api_keys:
-            if len(key) < 24 or key.lower() in {"changeme", "change-me", "secret", "dev"}:
+            if len(key) < 24 or is_placeholder(key):
                 raise ValueError("CYBERSEC_API_KEYS holds a placeholder or short key")
         return self
 

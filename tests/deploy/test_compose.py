@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from shared.errors import TargetDenied
+from shared.policy import TargetPolicy
 
 from .conftest import (
     DEPLOY,
@@ -112,3 +116,16 @@ def test_our_containers_run_unprivileged(services: dict[str, Any]) -> None:
 def test_no_unescaped_interpolation() -> None:
     text = (DEPLOY / "docker-compose.yml").read_text()
     assert re.search(r"(?<!\$)\$(?!\$)", text) is None, "compose would interpolate a bare $"
+
+
+def test_the_stack_never_scans_its_own_network(services: dict[str, Any]) -> None:
+    """Before, a scan from compose could reach RabbitMQ, Redis and PostgreSQL by address."""
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    [subnet] = [c["subnet"] for c in compose["networks"]["default"]["ipam"]["config"]]
+    for name in ("api", "worker"):
+        deny = services[name]["environment"]["CYBERSEC_TARGET_DENY"].split(",")
+        assert subnet in deny
+        policy = TargetPolicy(deny=deny, own=())
+        for address in list(ipaddress.ip_network(subnet).hosts())[:4]:
+            with pytest.raises(TargetDenied):
+                policy.check_address(str(address))
