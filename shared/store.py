@@ -244,6 +244,7 @@ class ScanStore:
         before: tuple[datetime, UUID] | None = None,
         state: ScanState | None = None,
         target: str | None = None,
+        schedule_id: UUID | None = None,
     ) -> list[ScanRow]:
         """The owner's scans, newest first, strictly older than the ``before`` cursor."""
         conditions = ["api_key_id = $1"]
@@ -257,6 +258,9 @@ class ScanStore:
         if target is not None:
             args.append(target)
             conditions.append(f"target = ${len(args)}")
+        if schedule_id is not None:
+            args.append(schedule_id)
+            conditions.append(f"schedule_id = ${len(args)}")
         args.append(limit)
         records = await self.pool.fetch(
             f"SELECT * FROM scans WHERE {' AND '.join(conditions)}"  # noqa: S608 - fixed fragments
