@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -36,7 +36,7 @@ CheckTarget = Callable[[Schedule], Awaitable[str | None]]
 """Checks a schedule's target when a run fires: None when it may be scanned, else why not."""
 
 
-Conn = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
 
 def schedule_from_record(record: asyncpg.Record) -> Schedule:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeAlias
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -30,7 +30,7 @@ from shared.webhooks import (
     new_secret,
 )
 
-Conn = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
 
 def _webhook(record: asyncpg.Record) -> Webhook:
