@@ -1,0 +1,225 @@
+"""A schedule's runs on a real worker, alerts to a real receiver that verifies signatures with
+``standardwebhooks``; then a delivery that survives the API, worker and dispatcher restarting
+while it waits for a retry."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api_service.dispatcher import Dispatcher
+from api_service.publisher import AmqpPublisher
+from bench._stack import settings_env
+from shared.keys import KeyStore
+from shared.settings import Settings
+from shared.store import ScanStore
+from tests.conftest import Process, auth, base_url, own_stack, start_api, variant
+from tests.support.webhook_receiver import Receiver, webhook_receiver
+
+pytestmark = pytest.mark.e2e
+
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+
+
+@pytest.fixture(scope="module")
+def hooks_settings(settings: Settings, run_dir: Path) -> Settings:
+    # The run's queue: the session's worker runs this gateway's scans.
+    return variant(
+        settings,
+        "hooks",
+        run_dir,
+        queue_prefix=settings.queue_prefix,
+        webhook_allow_networks=LOOPBACK,
+    )
+
+
+@pytest.fixture(scope="module")
+def hooks_api(hooks_settings: Settings, run_dir: Path, database: str) -> Iterator[str]:
+    process = start_api(hooks_settings, run_dir / "api-hooks.log")
+    try:
+        yield base_url(hooks_settings)
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+async def fresh_key(store: ScanStore) -> str:
+    """A key of its own: "the previous scan of the target" is then this test's."""
+    return await KeyStore(store.pool).create("schedules-e2e")
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with webhook_receiver() as r:
+        yield r
+
+
+@pytest.fixture
+async def dispatcher(hooks_settings: Settings, store: ScanStore) -> AsyncIterator[Dispatcher]:
+    publisher = AmqpPublisher(hooks_settings)
+    await publisher.start()
+    dispatcher = Dispatcher(hooks_settings, store.pool, publisher)
+    yield dispatcher
+    await dispatcher.sender.close()
+    await publisher.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def poll(what: str, check: Any, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await check()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    pytest.fail(f"{what} within {timeout}s")
+
+
+async def test_a_port_opening_between_runs_sends_exactly_one_ports_changed(
+    hooks_api: str,
+    worker: Process,
+    fresh_key: str,
+    receiver: Receiver,
+    dispatcher: Dispatcher,
+    listeners: list[int],
+) -> None:
+    later = closed_port()
+    ports = ",".join(map(str, [*listeners[:2], later]))
+    async with httpx.AsyncClient(base_url=hooks_api, headers=auth(fresh_key), timeout=10) as api:
+        created = await api.post(
+            "/api/schedules",
+            json={
+                "target": "127.0.0.1",
+                "ports": ports,
+                "cron": "*/5 * * * *",
+                "timezone": "Europe/Berlin",
+                "config": {"service_detection": False, "timeout": 0.5},
+            },
+        )
+        assert created.status_code == 201, created.text
+        schedule = created.json()
+        hook = await api.post(
+            "/api/webhooks",
+            json={
+                "url": receiver.url,
+                "events": ["ports.changed", "scan.completed"],
+                "schedule_id": schedule["id"],
+            },
+        )
+        assert hook.status_code == 201, hook.text
+        assert hook.json()["secret"].startswith("whsec_")
+        receiver.secret = hook.json()["secret"]
+        first = datetime.fromisoformat(schedule["next_run_at"])
+
+        async def run(n: int) -> None:
+            """Tick at the n-th run's time, then until its scan completed and was announced."""
+            now = first + timedelta(minutes=5 * n)
+            fired = await dispatcher.tick(now)
+            assert len(fired.fired) == 1
+
+            async def announced() -> bool:
+                await dispatcher.tick(now + timedelta(seconds=2))
+                return len(receiver.events()) >= n + 1 + (1 if n == 2 else 0)
+
+            await poll(f"run {n} announced", announced)
+
+        try:
+            await run(0)
+            await run(1)
+            with socket.create_server(("127.0.0.1", later)):
+                await run(2)
+            listed = await api.get("/api/scans", params={"schedule_id": schedule["id"]})
+            assert listed.status_code == 200
+            assert [s["state"] for s in listed.json()["items"]] == ["completed"] * 3
+        finally:
+            await api.delete(f"/api/schedules/{schedule['id']}")
+
+    events = receiver.events()
+    assert [e["type"] for e in events].count("scan.completed") == 3
+    changed = [e for e in events if e["type"] == "ports.changed"]
+    assert len(changed) == 1
+    diff = changed[0]["data"]["diff"]
+    assert [(p["address"], p["port"]) for p in diff["newly_open"]] == [("127.0.0.1", later)]
+    assert diff["newly_closed"] == diff["changed"] == []
+
+
+def start_dispatcher(settings: Settings, log: Path) -> Process:
+    return Process([sys.executable, "-m", "api_service.dispatcher"], settings_env(settings), log)
+
+
+def test_a_delivery_waiting_for_its_retry_survives_a_restart_and_arrives_once(
+    settings: Settings, run_dir: Path, database: str, api_key: str
+) -> None:
+    changes: dict[str, Any] = {
+        "webhook_allow_networks": LOOPBACK,
+        "webhook_retry_schedule": "1,1,1,1,1,1",
+        "dispatcher_interval": 0.2,
+    }
+    with webhook_receiver(statuses=[500] * 50) as receiver:
+        with own_stack(settings, run_dir, "retry-a", workers=1, **changes) as own:
+            dispatcher = start_dispatcher(own, run_dir / "dispatcher-a.log")
+            try:
+                with httpx.Client(base_url=base_url(own), headers=auth(api_key)) as api:
+                    schedule = api.post(
+                        "/api/schedules",
+                        json={
+                            "target": "127.0.0.1",
+                            "ports": "1",
+                            "cron": "0 0 1 1 *",
+                            "config": {"service_detection": False},
+                        },
+                    ).json()
+                    hook = api.post(
+                        "/api/webhooks",
+                        json={
+                            "url": receiver.url,
+                            "events": ["scan.completed"],
+                            "schedule_id": schedule["id"],
+                        },
+                    ).json()
+                    receiver.secret = hook["secret"]
+                    ran = api.post(f"/api/schedules/{schedule['id']}/run")
+                    assert ran.status_code == 202, ran.text
+                    receiver.wait_for(2, answered=500)
+            finally:
+                dispatcher.stop()
+        # Everything is down; the message waits in PostgreSQL. Now the receiver recovers.
+        with receiver.lock:
+            receiver.statuses.clear()
+        with own_stack(settings, run_dir, "retry-b", workers=1, **changes) as own:
+            dispatcher = start_dispatcher(own, run_dir / "dispatcher-b.log")
+            try:
+                receiver.wait_for(1, answered=200)
+                with httpx.Client(base_url=base_url(own), headers=auth(api_key)) as api:
+                    deadline = time.monotonic() + 10
+                    while time.monotonic() < deadline:
+                        items = api.get(f"/api/webhooks/{hook['id']}/deliveries").json()["items"]
+                        if items and items[0]["state"] == "delivered":
+                            break
+                        time.sleep(0.05)
+                    assert [d["state"] for d in items] == ["delivered"]
+                    history = [a["status_code"] for a in items[0]["history"]]
+                    assert history[-1] == 200
+                    assert history.count(200) == 1
+                    api.delete(f"/api/schedules/{schedule['id']}")
+            finally:
+                dispatcher.stop()
+    delivered = receiver.events(answered=200)
+    assert len(delivered) == 1
+    assert delivered[0]["type"] == "scan.completed"
+    assert delivered[0]["data"]["schedule_id"] == schedule["id"]
