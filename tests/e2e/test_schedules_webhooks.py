@@ -223,3 +223,83 @@ def test_a_delivery_waiting_for_its_retry_survives_a_restart_and_arrives_once(
     assert len(delivered) == 1
     assert delivered[0]["type"] == "scan.completed"
     assert delivered[0]["data"]["schedule_id"] == schedule["id"]
+
+
+def test_schedules_and_webhooks_belong_to_their_key_and_refuse_bad_input(
+    hooks_api: str, api_key: str, other_api_key: str
+) -> None:
+    with (
+        httpx.Client(base_url=hooks_api, headers=auth(api_key), timeout=10) as api,
+        httpx.Client(base_url=hooks_api, headers=auth(other_api_key), timeout=10) as other,
+    ):
+        body = {"target": "127.0.0.1", "ports": "22", "cron": "30 2 * * *", "timezone": "UTC"}
+        created = api.post("/api/schedules", json=body)
+        assert created.status_code == 201, created.text
+        sid = created.json()["id"]
+        try:
+            assert other.get(f"/api/schedules/{sid}").status_code == 404
+            assert other.patch(f"/api/schedules/{sid}", json={"enabled": False}).status_code == 404
+            assert other.post(f"/api/schedules/{sid}/run").status_code == 404
+            assert sid not in [s["id"] for s in other.get("/api/schedules").json()["items"]]
+
+            paused = api.patch(f"/api/schedules/{sid}", json={"enabled": False})
+            assert paused.status_code == 200
+            assert paused.json()["next_run_at"] is None
+            resumed = api.patch(f"/api/schedules/{sid}", json={"enabled": True})
+            assert resumed.json()["next_run_at"] is not None
+            to_interval = api.patch(f"/api/schedules/{sid}", json={"interval_seconds": 3600})
+            assert to_interval.status_code == 200
+            assert (to_interval.json()["cron"], to_interval.json()["interval_seconds"]) == (
+                None,
+                3600,
+            )
+
+            for bad in (
+                {**body, "cron": "61 * * * *"},
+                {**body, "timezone": "Europe/Atlantis"},
+                {**body, "ports": "0-5"},
+                {**body, "target": "127.0.0.0/8"},
+                {**body, "interval_seconds": 3600},
+                {**body, "surprise": 1},
+            ):
+                answer = api.post("/api/schedules", json=bad)
+                assert answer.status_code == 422, (bad, answer.text)
+                assert answer.json()["error"]["code"] == "validation_error"
+            for change in (
+                {"interval_seconds": None},
+                {"target": "not a target"},
+                {"ports": "99999"},
+            ):
+                answer = api.patch(f"/api/schedules/{sid}", json=change)
+                assert answer.status_code == 422, (change, answer.text)
+            assert api.get("/api/schedules/not-a-uuid").status_code == 404
+            denied = api.post(f"/api/schedules/{sid}/run")
+            assert denied.status_code == 202  # 127.0.0.1 is allowed in tests
+            assert (
+                api.patch(f"/api/schedules/{sid}", json={"target": "127.0.0.66"}).status_code == 200
+            )
+            refused = api.post(f"/api/schedules/{sid}/run")
+            assert refused.status_code == 403
+            assert refused.json()["error"]["code"] == "target_denied"
+        finally:
+            assert api.delete(f"/api/schedules/{sid}").status_code == 204
+        assert api.get(f"/api/schedules/{sid}").status_code == 404
+
+        for url in (
+            "http://10.0.0.1/hook",
+            "http://169.254.169.254/latest/meta-data",
+            "http://0x7f.1/",
+            "ftp://example.com/",
+        ):
+            answer = api.post("/api/webhooks", json={"url": url, "events": ["scan.completed"]})
+            assert answer.status_code == 422, (url, answer.text)
+        created_hook = api.post(
+            "/api/webhooks", json={"url": "http://127.0.0.1:9/hook", "events": ["ports.changed"]}
+        )
+        assert created_hook.status_code == 201
+        hid = created_hook.json()["id"]
+        assert "secret" not in api.get(f"/api/webhooks/{hid}").json()
+        assert other.get(f"/api/webhooks/{hid}/deliveries").status_code == 404
+        assert api.get(f"/api/webhooks/{hid}/deliveries").json() == {"items": []}
+        assert api.post(f"/api/webhooks/{hid}/deliveries/msg_x/redeliver").status_code == 404
+        assert api.delete(f"/api/webhooks/{hid}").status_code == 204
