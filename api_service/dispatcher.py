@@ -27,7 +27,7 @@ from shared.policy import TargetPolicy
 from shared.protocol import TaskMessage
 from shared.resolve import resolve_target
 from shared.schedule_store import FiredRun, ScheduleStore
-from shared.schedules import Schedule
+from shared.schedules import Schedule, ScheduleCreate
 from shared.settings import Settings, load_settings
 from shared.store import create_pool
 from shared.targets import TargetError, parse_target
@@ -52,7 +52,7 @@ class TargetCheck:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    async def __call__(self, schedule: Schedule) -> str | None:
+    async def __call__(self, schedule: Schedule | ScheduleCreate) -> str | None:
         policy = TargetPolicy(
             self.settings.target_allow, (*self.settings.target_deny, *schedule.exclude)
         )

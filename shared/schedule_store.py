@@ -130,7 +130,7 @@ class ScheduleStore:
         change: ScheduleUpdate,
         now: datetime,
         *,
-        check: Callable[[ScheduleCreate], None] | None = None,
+        check: Callable[[ScheduleCreate], Awaitable[None]] | None = None,
     ) -> Schedule | None:
         """Apply the fields given. A change of timing (or enabling) counts from ``now``: a run
         that was due under the old timing and not yet fired is dropped. The row lock makes an
@@ -154,7 +154,7 @@ class ScheduleStore:
                 {k: v for k, v in current.items() if k in ScheduleCreate.model_fields}
             )
             if check is not None:
-                check(merged)
+                await check(merged)
             anchor: datetime = record["anchor_at"]
             next_run: datetime | None = record["next_run_at"]
             if fields.keys() & TIMING_FIELDS:

@@ -36,8 +36,9 @@ def schedule_id_param(request: Request) -> UUID:
         raise ApiError(404, f"no schedule with id {raw}") from None
 
 
-def _check_bounds(schedule: ScheduleCreate | Schedule, settings: Settings) -> None:
-    """The gateway's per-scan bounds (ports, hosts, concurrency) apply to every run."""
+async def _check(schedule: ScheduleCreate, settings: Settings) -> None:
+    """The gateway's per-scan bounds (ports, hosts, concurrency) and target policy (with the
+    schedule's exclusions) apply to every run: checked now, and again when each run fires."""
     ParsedScan(
         ScanRequest(
             target=schedule.target,
@@ -47,6 +48,9 @@ def _check_bounds(schedule: ScheduleCreate | Schedule, settings: Settings) -> No
         ),
         settings,
     )
+    refused = await TargetCheck(settings)(schedule)
+    if refused is not None:
+        raise ApiError(403, refused, code="target_denied", field="target")
 
 
 def _answer(schedule: Schedule, status_code: int = 200) -> Response:
@@ -57,7 +61,7 @@ async def create_schedule(request: Request) -> Response:
     svc = services(request)
     owner = await caller(request)
     spec = validate_model(ScheduleCreate, await read_json(request, svc.settings.max_request_bytes))
-    _check_bounds(spec, svc.settings)
+    await _check(spec, svc.settings)
     try:
         schedule = await _store(request).create(owner, spec, datetime.now(UTC))
     except DB_ERRORS:
@@ -102,7 +106,7 @@ async def schedule_resource(request: Request) -> Response:
                     schedule_id,
                     change,
                     datetime.now(UTC),
-                    check=lambda merged: _check_bounds(merged, svc.settings),
+                    check=lambda merged: _check(merged, svc.settings),
                 )
             except ValidationError as exc:
                 raise validation_error(exc) from None

@@ -273,14 +273,17 @@ def test_schedules_and_webhooks_belong_to_their_key_and_refuse_bad_input(
                 answer = api.patch(f"/api/schedules/{sid}", json=change)
                 assert answer.status_code == 422, (change, answer.text)
             assert api.get("/api/schedules/not-a-uuid").status_code == 404
-            denied = api.post(f"/api/schedules/{sid}/run")
-            assert denied.status_code == 202  # 127.0.0.1 is allowed in tests
-            assert (
-                api.patch(f"/api/schedules/{sid}", json={"target": "127.0.0.66"}).status_code == 200
-            )
-            refused = api.post(f"/api/schedules/{sid}/run")
-            assert refused.status_code == 403
-            assert refused.json()["error"]["code"] == "target_denied"
+            ran = api.post(f"/api/schedules/{sid}/run")
+            assert ran.status_code == 202
+            assert ran.headers["location"] == f"/api/scan/{ran.json()['task_id']}"
+            for refused in (
+                api.patch(f"/api/schedules/{sid}", json={"target": "127.0.0.66"}),
+                api.patch(f"/api/schedules/{sid}", json={"exclude": ["127.0.0.0/30"]}),
+                api.post("/api/schedules", json={**body, "target": "169.254.169.254"}),
+            ):
+                assert refused.status_code == 403, refused.text
+                assert refused.json()["error"]["code"] == "target_denied"
+            assert api.get(f"/api/schedules/{sid}").json()["target"] == "127.0.0.1"
         finally:
             assert api.delete(f"/api/schedules/{sid}").status_code == 204
         assert api.get(f"/api/schedules/{sid}").status_code == 404
