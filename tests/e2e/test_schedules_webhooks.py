@@ -5,6 +5,7 @@ while it waits for a retry."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sys
 import time
@@ -15,10 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner, Result
 
 from api_service.dispatcher import Dispatcher
 from api_service.publisher import AmqpPublisher
 from bench._stack import settings_env
+from cybersec_cli import main
 from shared.keys import KeyStore
 from shared.settings import Settings
 from shared.store import ScanStore
@@ -306,3 +309,42 @@ def test_schedules_and_webhooks_belong_to_their_key_and_refuse_bad_input(
         assert api.get(f"/api/webhooks/{hid}/deliveries").json() == {"items": []}
         assert api.post(f"/api/webhooks/{hid}/deliveries/msg_x/redeliver").status_code == 404
         assert api.delete(f"/api/webhooks/{hid}").status_code == 204
+
+
+def test_the_schedule_and_webhook_commands(hooks_api: str, api_key: str) -> None:
+    def cli(*args: str) -> Result:
+        result = CliRunner().invoke(main.app, [*args, "--api-url", hooks_api, "--api-key", api_key])
+        assert result.exit_code == 0, (args, result.stdout, result.stderr)
+        return result
+
+    created = cli(
+        "schedule", "create", "127.0.0.1", "--cron", "30 2 * * *", "--tz", "Europe/Berlin",
+        "-p", "22,80", "--name", "nightly", "--misfire", "run_once",
+    )  # fmt: skip
+    sid = created.stdout.strip()
+    try:
+        listed = json.loads(cli("schedule", "list", "--json").stdout)["items"]
+        assert [i["name"] for i in listed if i["id"] == sid] == ["nightly"]
+        cli("schedule", "list")
+        shown = json.loads(cli("schedule", "show", sid, "--json").stdout)
+        assert (shown["cron"], shown["timezone"], shown["misfire_policy"]) == (
+            "30 2 * * *",
+            "Europe/Berlin",
+            "run_once",
+        )
+        assert "paused" in cli("schedule", "pause", sid).stdout
+        assert "resumed" in cli("schedule", "resume", sid).stdout
+        task_id = cli("schedule", "run-now", sid).stdout.strip()
+        assert len(task_id) == 36
+        hook = cli("webhook", "create", "http://127.0.0.1:9/hook", "--schedule", sid).stdout
+        hook_id, secret = hook.split()
+        assert secret.startswith("whsec_")
+        assert secret not in cli("webhook", "list", "--json").stdout
+        assert json.loads(cli("webhook", "deliveries", hook_id, "--json").stdout) == {"items": []}
+        cli("webhook", "delete", hook_id)
+    finally:
+        cli("schedule", "delete", sid)
+    missing = CliRunner().invoke(
+        main.app, ["schedule", "show", sid, "--api-url", hooks_api, "--api-key", api_key]
+    )
+    assert missing.exit_code == 4
