@@ -15,6 +15,7 @@ import logging
 import signal
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -108,11 +109,14 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick every ``dispatcher_interval`` seconds until ``stop`` is set."""
+        heartbeat = Path(self.settings.dispatcher_heartbeat_file)
         while not stop.is_set():
             try:
                 await self.tick()
             except TRANSIENT as exc:
                 log.warning("dispatcher tick failed, retrying next tick: %r", exc)
+            else:
+                heartbeat.touch()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.dispatcher_interval)
 

@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     schedule); after the last, the message has failed."""
     webhook_disable_after: int = Field(default=432_000, ge=60)
     """Seconds an endpoint may fail every delivery before it is disabled (5 days)."""
+    dispatcher_heartbeat_file: str = "/tmp/cybersec-dispatcher.heartbeat"  # noqa: S108
+    """File a dispatcher touches after every tick that reached PostgreSQL (liveness probe)."""
 
     @field_validator("webhook_allow_networks", mode="before")
     @classmethod

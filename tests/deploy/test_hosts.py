@@ -66,7 +66,7 @@ def test_env_example_holds_only_settings(monkeypatch: pytest.MonkeyPatch) -> Non
     assert settings.environment == "production"
 
 
-@pytest.mark.parametrize("name", ["api", "worker"])
+@pytest.mark.parametrize("name", ["api", "worker", "dispatcher"])
 def test_service_units(name: str) -> None:
     service = parse_unit(UNITS / f"cybersec-{name}.service")["Service"]
 
@@ -77,7 +77,8 @@ def test_service_units(name: str) -> None:
     assert one("Type") in {"exec", "simple"}
     assert one("EnvironmentFile") == ENV_FILE
     assert one("User") == "cybersec"
-    assert one("ExecStart").endswith(f"/bin/python -m {SERVICES[name]}")
+    module = {**SERVICES, "dispatcher": "api_service.dispatcher"}[name]
+    assert one("ExecStart").endswith(f"/bin/python -m {module}")
     assert one("KillSignal") == "SIGTERM"
     # SIGTERM to the main process only: Celery's pool processes must not die under their scans.
     assert one("KillMode") == "mixed"

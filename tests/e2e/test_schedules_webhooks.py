@@ -172,6 +172,7 @@ def test_a_delivery_waiting_for_its_retry_survives_a_restart_and_arrives_once(
         "webhook_allow_networks": LOOPBACK,
         "webhook_retry_schedule": "1,1,1,1,1,1",
         "dispatcher_interval": 0.2,
+        "dispatcher_heartbeat_file": str(run_dir / "dispatcher.heartbeat"),
     }
     with webhook_receiver(statuses=[500] * 50) as receiver:
         with own_stack(settings, run_dir, "retry-a", workers=1, **changes) as own:
