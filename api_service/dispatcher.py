@@ -116,7 +116,7 @@ class Dispatcher:
             except TRANSIENT as exc:
                 log.warning("dispatcher tick failed, retrying next tick: %r", exc)
             else:
-                heartbeat.touch()
+                await asyncio.to_thread(heartbeat.touch)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.dispatcher_interval)
 
