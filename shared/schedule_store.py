@@ -10,6 +10,7 @@ recorded once. The scan's message is published after that commit, from
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +32,8 @@ from shared.schedules import (
 )
 from shared.schemas import ScanConfig, ScanTaskPayload
 from shared.targets import network_hosts, parse_target
+
+log = logging.getLogger(__name__)
 
 CheckTarget = Callable[[Schedule], Awaitable[str | None]]
 """Checks a schedule's target when a run fires: None when it may be scanned, else why not."""
@@ -203,14 +206,22 @@ class ScheduleStore:
             for record in records:
                 schedule = schedule_from_record(record)
                 timing = timing_of(schedule)
-                plan = plan_tick(
-                    timing,
-                    record["next_run_at"],
-                    now,
-                    anchor=record["anchor_at"],
-                    policy=schedule.misfire_policy,
-                    grace_seconds=schedule.misfire_grace_seconds,
-                )
+                try:
+                    plan = plan_tick(
+                        timing,
+                        record["next_run_at"],
+                        now,
+                        anchor=record["anchor_at"],
+                        policy=schedule.misfire_policy,
+                        grace_seconds=schedule.misfire_grace_seconds,
+                    )
+                except ValueError as exc:
+                    # Refused when created; a time zone database update could still do it.
+                    log.error("schedule %s has no next run, not firing it: %s", schedule.id, exc)
+                    await conn.execute(
+                        "UPDATE schedules SET next_run_at = NULL WHERE id = $1", schedule.id
+                    )
+                    continue
                 if plan.fire_at is not None:
                     refused = await check(schedule)
                     run = await self._record_run(conn, record, schedule, plan.fire_at, refused)

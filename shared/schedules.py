@@ -14,6 +14,7 @@ Interval schedules count from their creation (or last timing edit) in plain UTC 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -44,8 +45,13 @@ def _check_cron(value: str) -> str:
     return text
 
 
+@functools.cache
+def _zone_names() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
 def _check_timezone(value: str) -> str:
-    if value not in available_timezones():
+    if value not in _zone_names():
         raise ValueError(f"{value!r} is not an IANA time zone such as 'Europe/Berlin'")
     try:
         ZoneInfo(value)
@@ -98,6 +104,11 @@ class ScheduleCreate(ScanRequest):
             raise ValueError("give exactly one of cron and interval_seconds")
         if self.force:
             raise ValueError("force: a schedule's runs never answer from the result cache")
+        if self.cron is not None:
+            try:
+                Timing(cron=self.cron, timezone=self.timezone).next_after(datetime.now(UTC))
+            except ValueError:
+                raise ValueError(f"cron: {self.cron!r} matches no date") from None
         return self
 
 

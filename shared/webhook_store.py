@@ -206,7 +206,7 @@ class WebhookStore:
                     hook["id"],
                     event_type,
                     scan["id"],
-                    {"type": event_type, "timestamp": _now_iso(scan), "data": data},
+                    {"type": event_type, "timestamp": _event_time(scan), "data": data},
                 )
 
     async def _changes(
@@ -312,7 +312,7 @@ class WebhookStore:
         return value
 
 
-def _now_iso(scan: asyncpg.Record) -> str:
+def _event_time(scan: asyncpg.Record) -> str:
     when: datetime = scan["finished_at"] or scan["created_at"]
     return when.isoformat().replace("+00:00", "Z")
 

@@ -129,6 +129,7 @@ def test_interval_schedules_count_from_their_anchor() -> None:
         {"target": "127.0.0.1", "cron": "0 2 * * *", "exclude": ["not-a-cidr"]},
         {"target": "127.0.0.1", "interval_seconds": 5},
         {"target": "127.0.0.1", "cron": "0 2 * * *", "force": True},
+        {"target": "127.0.0.1", "cron": "0 0 30 2 *"},
     ],
 )
 def test_bad_schedules_are_refused(body: dict[str, object]) -> None:
