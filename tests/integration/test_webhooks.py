@@ -260,3 +260,32 @@ async def test_a_name_is_connected_to_at_the_checked_address_with_its_host_heade
     assert headers["host"] == f"localhost:{receiver.port}"
     assert headers["webhook-signature"].startswith("v1,")
     assert len(receiver.events()) == 1
+
+
+async def test_a_failed_scan_and_a_redelivery(
+    pool: asyncpg.Pool[Any], owner: UUID, receiver: Receiver, sender: WebhookSender
+) -> None:
+    store = WebhookStore(pool)
+    created = await hook(pool, owner, receiver, "scan.failed", "scan.completed")
+    scan_id = uuid4()
+    await pool.execute(
+        "INSERT INTO scans (id, task_id, target, ports, config, priority, api_key_id)"
+        " VALUES ($1, $2, '127.0.0.1', '22', $3, 'normal', $4)",
+        scan_id,
+        uuid4(),
+        ScanConfig().model_dump(mode="json"),
+        owner,
+    )
+    await pool.execute(
+        "UPDATE scans SET state = 'failed', error = 'time limit exceeded' WHERE id = $1", scan_id
+    )
+    await tick(store, sender, soon())
+    (event,) = receiver.events()
+    assert (event["type"], event["data"]["error"]) == ("scan.failed", "time limit exceeded")
+
+    (delivery,) = await store.deliveries(created.id)
+    assert await store.redeliver(created.id, delivery.id)
+    await tick(store, sender, soon())
+    assert [e["type"] for e in receiver.events()] == ["scan.failed", "scan.failed"]
+    assert len({r.headers["webhook-id"] for r in receiver.received}) == 1
+    assert not await store.redeliver(created.id, "msg_unknown")
