@@ -58,6 +58,9 @@ class WebhookSender:
             follow_redirects=False,
             trust_env=False,  # no proxy from the environment: the checked address is the peer
             timeout=settings.webhook_timeout,
+            # Pooled connections are keyed by the address, not the name: a TLS session checked
+            # for one host name must not carry a request for another name on the same address.
+            limits=httpx.Limits(max_keepalive_connections=0),
         )
 
     async def close(self) -> None:
