@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -50,7 +51,8 @@ def retry_after_seconds(value: str | None, now: datetime) -> float | None:
 
 
 class WebhookSender:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, verify: ssl.SSLContext | bool = True) -> None:
+        """``verify``: how receivers' TLS certificates are checked (the system's CAs)."""
         self.settings = settings
         self.allow = allow_networks(settings.webhook_allow_networks)
         self.delays = settings.webhook_retry_delays
@@ -61,6 +63,7 @@ class WebhookSender:
             # Pooled connections are keyed by the address, not the name: a TLS session checked
             # for one host name must not carry a request for another name on the same address.
             limits=httpx.Limits(max_keepalive_connections=0),
+            verify=verify,
         )
 
     async def close(self) -> None:

@@ -4,9 +4,13 @@ is tried by ticking at that time, not by waiting for it."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -19,6 +23,7 @@ from shared.settings import Settings
 from shared.store import create_pool
 from shared.webhook_store import WebhookStore
 from shared.webhooks import WebhookCreate, WebhookCreated
+from tests import needs
 from tests.support.webhook_receiver import Receiver, webhook_receiver
 
 
@@ -289,3 +294,41 @@ async def test_a_failed_scan_and_a_redelivery(
     assert [e["type"] for e in receiver.events()] == ["scan.failed", "scan.failed"]
     assert len({r.headers["webhook-id"] for r in receiver.received}) == 1
     assert not await store.redeliver(created.id, "msg_unknown")
+
+
+async def test_https_to_a_name_checks_the_certificate_for_that_name(
+    pool: asyncpg.Pool[Any], owner: UUID, settings: Settings, tmp_path: Path
+) -> None:
+    """The connection goes to the checked address, and TLS still verifies the URL's name."""
+    openssl = needs.tool("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    await asyncio.to_thread(
+        subprocess.run,
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    own = settings.model_copy(update={"webhook_allow_networks": ("127.0.0.0/8", "::1/128")})
+    sender = WebhookSender(own, verify=trusting)
+    store = WebhookStore(pool)
+    try:
+        with webhook_receiver(tls=server_tls) as receiver:
+            by_name = await hook(pool, owner, receiver, url=f"https://localhost:{receiver.port}/h")
+            await finish_scan(pool, owner, [22])
+            await tick(store, sender, soon())
+            assert len(receiver.events()) == 1
+            # The certificate names localhost, not 127.0.0.1: an IP URL fails verification.
+            await WebhookStore(pool).delete(owner, by_name.id)
+            by_address = await hook(pool, owner, receiver)
+            await finish_scan(pool, owner, [22])
+            await tick(store, sender, soon())
+            (delivery,) = await store.deliveries(by_address.id)
+            assert delivery.history[0].status_code is None
+            assert "CERTIFICATE_VERIFY_FAILED" in (delivery.history[0].error or "")
+            assert len(receiver.received) == 1
+    finally:
+        await sender.close()
