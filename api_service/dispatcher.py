@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 
 from api_service.publisher import AmqpPublisher, PublishFailed, TaskPublisher
+from api_service.status import DB_ERRORS
 from api_service.webhook_sender import WebhookSender
 from shared.errors import ResolutionFailed, TargetDenied
 from shared.logging import configure_logging
@@ -35,8 +36,6 @@ from shared.targets import TargetError, parse_target
 from shared.webhook_store import WebhookStore
 
 log = logging.getLogger(__name__)
-
-TRANSIENT = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +112,7 @@ class Dispatcher:
         while not stop.is_set():
             try:
                 await self.tick()
-            except TRANSIENT as exc:
+            except DB_ERRORS as exc:
                 log.warning("dispatcher tick failed, retrying next tick: %r", exc)
             else:
                 await asyncio.to_thread(heartbeat.touch)
