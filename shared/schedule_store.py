@@ -78,14 +78,18 @@ class ScheduleStore:
     def __init__(self, pool: asyncpg.Pool[Any]) -> None:
         self.pool = pool
 
-    async def create(self, owner: UUID, spec: ScheduleCreate, now: datetime) -> Schedule:
+    async def create(
+        self, owner: UUID, spec: ScheduleCreate, now: datetime, *, limit: int
+    ) -> Schedule | None:
+        """The new schedule; None when the owner already has ``limit`` of them."""
         next_run = timing_of(spec).next_after(now, anchor=now) if spec.enabled else None
         record = await self.pool.fetchrow(
             "INSERT INTO schedules (id, api_key_id, name, target, ports, config, priority, cron,"
             " timezone, interval_seconds, enabled, misfire_policy, misfire_grace_seconds,"
             " exclude, anchor_at, next_run_at, created_at, updated_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,"
-            " $15, $15) RETURNING *",
+            " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,"
+            " $15, $15 WHERE (SELECT count(*) FROM schedules WHERE api_key_id = $2) < $17"
+            " RETURNING *",
             uuid4(),
             owner,
             spec.name,
@@ -102,9 +106,9 @@ class ScheduleStore:
             spec.exclude,
             now,
             next_run,
+            limit,
         )
-        assert record is not None
-        return schedule_from_record(record)
+        return schedule_from_record(record) if record is not None else None
 
     async def get(self, owner: UUID, schedule_id: UUID) -> Schedule | None:
         record = await self.pool.fetchrow(

@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     """Seconds an endpoint may fail every delivery before it is disabled (5 days)."""
     dispatcher_heartbeat_file: str = "/tmp/cybersec-dispatcher.heartbeat"  # noqa: S108
     """File a dispatcher touches after every tick that reached PostgreSQL (liveness probe)."""
+    max_schedules_per_key: int = Field(default=100, ge=0)
+    """Schedules one API key may have; their runs are not counted by the per-key rate limits."""
+    max_webhooks_per_key: int = Field(default=20, ge=0)
+    """Webhooks one API key may have."""
 
     @field_validator("webhook_allow_networks", mode="before")
     @classmethod

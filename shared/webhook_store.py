@@ -66,11 +66,15 @@ class WebhookStore:
     def __init__(self, pool: asyncpg.Pool[Any]) -> None:
         self.pool = pool
 
-    async def create(self, owner: UUID, spec: WebhookCreate) -> WebhookCreated:
+    async def create(
+        self, owner: UUID, spec: WebhookCreate, *, limit: int
+    ) -> WebhookCreated | None:
+        """The new webhook with its secret; None when the owner already has ``limit``."""
         secret = new_secret()
         record = await self.pool.fetchrow(
             "INSERT INTO webhooks (id, api_key_id, url, events, schedule_id, target, secret)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+            " SELECT $1, $2, $3, $4, $5, $6, $7"
+            " WHERE (SELECT count(*) FROM webhooks WHERE api_key_id = $2) < $8 RETURNING *",
             uuid4(),
             owner,
             spec.url,
@@ -78,8 +82,10 @@ class WebhookStore:
             spec.schedule_id,
             spec.target,
             secret,
+            limit,
         )
-        assert record is not None
+        if record is None:
+            return None
         return WebhookCreated(**_webhook(record).model_dump(), secret=secret)
 
     async def owned(self, owner: UUID) -> list[Webhook]:

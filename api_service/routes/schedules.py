@@ -63,9 +63,14 @@ async def create_schedule(request: Request) -> Response:
     spec = validate_model(ScheduleCreate, await read_json(request, svc.settings.max_request_bytes))
     await _check(spec, svc.settings)
     try:
-        schedule = await _store(request).create(owner, spec, datetime.now(UTC))
+        schedule = await _store(request).create(
+            owner, spec, datetime.now(UTC), limit=svc.settings.max_schedules_per_key
+        )
     except DB_ERRORS:
         raise db_unavailable() from None
+    if schedule is None:
+        bound = svc.settings.max_schedules_per_key
+        raise ApiError(422, f"this key has {bound} schedules; the bound is {bound}")
     return _answer(schedule, 201)
 
 

@@ -67,9 +67,12 @@ async def create_webhook(request: Request) -> Response:
         schedules = ScheduleStore(svc.store.pool)
         if spec.schedule_id is not None and await schedules.get(owner, spec.schedule_id) is None:
             raise ApiError(422, "schedule_id: no such schedule", field="schedule_id")
-        created = await _store(request).create(owner, spec)
+        created = await _store(request).create(owner, spec, limit=svc.settings.max_webhooks_per_key)
     except DB_ERRORS:
         raise db_unavailable() from None
+    if created is None:
+        bound = svc.settings.max_webhooks_per_key
+        raise ApiError(422, f"this key has {bound} webhooks; the bound is {bound}")
     return ORJSONResponse(
         created.model_dump(mode="json"),
         status_code=201,

@@ -18,7 +18,7 @@ import pytest
 from api_service.dispatcher import Dispatcher, TargetCheck
 from api_service.publisher import AmqpPublisher
 from shared.schedule_store import ScheduleStore
-from shared.schedules import ScheduleCreate, ScheduleUpdate
+from shared.schedules import Schedule, ScheduleCreate, ScheduleUpdate
 from shared.settings import Settings
 from shared.store import create_pool
 from tests.conftest import delete_queues
@@ -55,6 +55,12 @@ async def own_queue(settings: Settings) -> AsyncIterator[Settings]:
     await delete_queues(own)
 
 
+async def make(store: ScheduleStore, owner: UUID, spec: ScheduleCreate) -> Schedule:
+    created = await store.create(owner, spec, BASE, limit=100)
+    assert created is not None
+    return created
+
+
 def nightly(**changes: Any) -> ScheduleCreate:
     return ScheduleCreate.model_validate(
         {"target": "127.0.0.1", "ports": "22", "cron": "0 3 * * *", **changes}
@@ -78,7 +84,7 @@ async def test_two_dispatchers_never_double_fire(
     store = ScheduleStore(pool)
     count = 12
     for _ in range(count):
-        await store.create(owner, nightly(), BASE)
+        await make(store, owner, nightly())
     due_at = BASE + timedelta(hours=3, seconds=5)
 
     dispatchers: list[Dispatcher] = []
@@ -120,7 +126,7 @@ async def test_editing_the_timing_while_a_run_is_due_drops_that_run(
     pool: asyncpg.Pool[Any], owner: UUID, settings: Settings
 ) -> None:
     store = ScheduleStore(pool)
-    schedule = await store.create(owner, nightly(), BASE)
+    schedule = await make(store, owner, nightly())
     due = BASE + timedelta(hours=3)
     # Due, not yet fired (no tick since 03:00); the edit at 03:00:30 moves it to 04:00.
     edited = await store.update(
@@ -138,7 +144,7 @@ async def test_editing_the_target_while_a_run_is_due_keeps_the_run(
     pool: asyncpg.Pool[Any], owner: UUID, settings: Settings
 ) -> None:
     store = ScheduleStore(pool)
-    schedule = await store.create(owner, nightly(), BASE)
+    schedule = await make(store, owner, nightly())
     due = BASE + timedelta(hours=3)
     await store.update(owner, schedule.id, ScheduleUpdate(target="127.0.0.2"), due)
     fired = await store.fire_due(due + timedelta(seconds=1), TargetCheck(settings))
@@ -166,7 +172,7 @@ async def test_an_edit_waits_for_a_tick_holding_the_schedule(
 ) -> None:
     """The tick locked the row first: the run fires, then the edit applies after it."""
     store = ScheduleStore(pool)
-    schedule = await store.create(owner, nightly(), BASE)
+    schedule = await make(store, owner, nightly())
     due = BASE + timedelta(hours=3)
     entered, release = asyncio.Event(), asyncio.Event()
     check = TargetCheck(settings)
@@ -196,7 +202,7 @@ async def test_a_run_inside_the_schedules_exclusions_is_recorded_as_failed(
     pool: asyncpg.Pool[Any], owner: UUID, settings: Settings
 ) -> None:
     store = ScheduleStore(pool)
-    await store.create(owner, nightly(exclude=["127.0.0.0/24"]), BASE)
+    await make(store, owner, nightly(exclude=["127.0.0.0/24"]))
     fired = await store.fire_due(BASE + timedelta(hours=3), TargetCheck(settings))
     assert len(fired) == 1
     row = await pool.fetchrow("SELECT state, error FROM scans WHERE id = $1", fired[0].scan_id)
@@ -209,3 +215,13 @@ async def test_a_run_inside_the_schedules_exclusions_is_recorded_as_failed(
         )
         == 0
     )
+
+
+async def test_a_key_has_at_most_its_bound_of_schedules(
+    pool: asyncpg.Pool[Any], owner: UUID
+) -> None:
+    store = ScheduleStore(pool)
+    assert await store.create(owner, nightly(), BASE, limit=2) is not None
+    assert await store.create(owner, nightly(), BASE, limit=2) is not None
+    assert await store.create(owner, nightly(), BASE, limit=2) is None
+    assert len(await store.owned(owner)) == 2

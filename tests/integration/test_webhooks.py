@@ -66,7 +66,8 @@ async def hook(
     spec = WebhookCreate.model_validate(
         {"url": url or receiver.url, "events": list(events) or ["scan.completed"]}
     )
-    created = await WebhookStore(pool).create(owner, spec)
+    created = await WebhookStore(pool).create(owner, spec, limit=20)
+    assert created is not None
     receiver.secret = created.secret
     return created
 
