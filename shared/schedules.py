@@ -205,6 +205,20 @@ class Timing:
                 return instant
         raise ValueError(f"cron {self.cron!r} has no run within {MAX_CRON_STEPS} steps")
 
+    def last_at_or_before(self, moment: datetime) -> datetime | None:
+        """The latest cron run at or before ``moment``, in UTC (None if none in reach)."""
+        assert self.cron is not None
+        local = moment.astimezone(self.zone).replace(tzinfo=None)
+        # Walk wall times back from an hour later: after a fall-back the clock reads an hour
+        # behind the first pass. Instants never decrease as wall times increase, so the first
+        # one at or before ``moment`` is the latest.
+        candidates = croniter(self.cron, local + timedelta(hours=1, minutes=1))
+        for _ in range(MAX_CRON_STEPS):
+            instant = self.to_instant(candidates.get_prev(datetime))
+            if instant <= moment:
+                return instant
+        return None
+
     def to_instant(self, wall: datetime) -> datetime:
         """A local wall time on the time line (UTC): the first occurrence of a repeated time,
         the end of the gap for a skipped one."""
@@ -247,14 +261,14 @@ def misfire_decision(
 
 
 def latest_due(timing: Timing, due: datetime, now: datetime, anchor: datetime) -> datetime:
-    """The last run time at or before ``now``, starting from the stored ``due`` one."""
-    latest = due
-    for _ in range(MAX_CRON_STEPS * 10):
-        following = timing.next_after(latest, anchor=anchor)
-        if following > now:
-            return latest
-        latest = following
-    return latest
+    """The last run time at or before ``now``, and not before the stored ``due`` one."""
+    if timing.interval is not None:
+        start = anchor.astimezone(UTC)
+        if now < start:
+            return due
+        return max(due, start + ((now - start) // timing.interval) * timing.interval)
+    last = timing.last_at_or_before(now)
+    return due if last is None else max(due, last)
 
 
 @dataclass(frozen=True, slots=True)

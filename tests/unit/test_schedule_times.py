@@ -111,6 +111,16 @@ def test_a_short_delay_within_grace_fires_with_either_policy() -> None:
         assert fired == [(utc(2026, 6, 1, 1, 3), utc(2026, 6, 1, 1))]
 
 
+def test_a_minutely_schedule_down_for_a_month_catches_up_once() -> None:
+    timing = Timing(cron="* * * * *")
+    due, now = utc(2026, 5, 1), utc(2026, 6, 1, 12, 0) + timedelta(seconds=30)
+    plan = plan_tick(timing, due, now, anchor=due, policy="run_once", grace_seconds=60)
+    assert (plan.fire_at, plan.next_run_at) == (utc(2026, 6, 1, 12, 0), utc(2026, 6, 1, 12, 1))
+    interval = Timing(cron=None, interval_seconds=60)
+    plan = plan_tick(interval, due, now, anchor=due, policy="skip", grace_seconds=60)
+    assert (plan.fire_at, plan.next_run_at) == (utc(2026, 6, 1, 12, 0), utc(2026, 6, 1, 12, 1))
+
+
 def test_interval_schedules_count_from_their_anchor() -> None:
     timing = Timing(cron=None, interval_seconds=3600)
     anchor = utc(2026, 6, 1, 0, 10)
