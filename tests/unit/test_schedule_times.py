@@ -9,6 +9,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from shared.schedules import MisfirePolicy, ScheduleCreate, Timing, plan_tick
@@ -145,3 +147,23 @@ def test_interval_schedules_count_from_their_anchor() -> None:
 def test_bad_schedules_are_refused(body: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         ScheduleCreate.model_validate(body)
+
+
+@given(
+    zone=st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe"]),
+    cron=st.sampled_from(["30 2 * * *", "30 1 * * *", "*/15 * * * *", "0 * * * 0", "45 0 1 * *"]),
+    moment=st.datetimes(
+        min_value=datetime(2026, 1, 1), max_value=datetime(2028, 12, 31), timezones=st.just(UTC)
+    ),
+)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+def test_forward_and_backward_agree(zone: str, cron: str, moment: datetime) -> None:
+    """The next run after a moment and the last one at or before it are neighbours, in any
+    zone, across every DST change (Lord Howe's moves by half an hour)."""
+    timing = Timing(cron=cron, timezone=zone)
+    following = timing.next_after(moment)
+    last = timing.last_at_or_before(moment)
+    assert last is not None
+    assert last <= moment < following
+    assert timing.next_after(last) == following
+    assert timing.last_at_or_before(following) == following
