@@ -10,7 +10,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,20 @@ from api_service.publisher import AmqpPublisher
 from bench._stack import settings_env
 from cybersec_cli import main
 from shared.keys import KeyStore
+from shared.schedule_store import ScheduleStore
+from shared.schedules import ScheduleCreate
 from shared.settings import Settings
 from shared.store import ScanStore
-from tests.conftest import Process, auth, base_url, own_stack, start_api, variant
+from tests.conftest import (
+    Process,
+    auth,
+    base_url,
+    delete_queues,
+    own_stack,
+    start_api,
+    variant,
+)
+from tests.support.broker import queued_messages
 from tests.support.webhook_receiver import Receiver, webhook_receiver
 
 pytestmark = pytest.mark.e2e
@@ -74,6 +85,10 @@ async def dispatcher(hooks_settings: Settings, store: ScanStore) -> AsyncIterato
     yield dispatcher
     await dispatcher.sender.close()
     await publisher.close()
+
+
+def schedule_spec() -> ScheduleCreate:
+    return ScheduleCreate(target="127.0.0.1", ports="1", cron="0 0 1 1 *")
 
 
 def closed_port() -> int:
@@ -349,3 +364,52 @@ def test_the_schedule_and_webhook_commands(hooks_api: str, api_key: str) -> None
         main.app, ["schedule", "show", sid, "--api-url", hooks_api, "--api-key", api_key]
     )
     assert missing.exit_code == 4
+
+
+async def test_two_dispatcher_processes_fire_each_due_run_once(
+    settings: Settings, run_dir: Path, store: ScanStore, fresh_key: str
+) -> None:
+    """Two real dispatchers ticking every 50 ms over the same due schedules."""
+    own = variant(
+        settings,
+        "two-dispatchers",
+        run_dir,
+        dispatcher_interval=0.05,
+        dispatcher_heartbeat_file=str(run_dir / "two-dispatchers.heartbeat"),
+    )
+    owner = await KeyStore(store.pool).lookup(fresh_key)
+    assert owner is not None
+    schedules = ScheduleStore(store.pool)
+    count = 20
+    created = [
+        await schedules.create(owner, schedule_spec(), datetime.now(UTC), limit=count)
+        for _ in range(count)
+    ]
+    ids = [s.id for s in created if s is not None]
+    assert len(ids) == count
+    dispatchers = [start_dispatcher(own, run_dir / f"two-dispatchers-{n}.log") for n in range(2)]
+    try:
+        # Due now, for both at once.
+        await store.pool.execute("UPDATE schedules SET next_run_at = now() WHERE id = ANY($1)", ids)
+
+        async def all_fired() -> bool:
+            pending = await store.pool.fetchval(
+                "SELECT count(*) FROM schedules WHERE id = ANY($1) AND next_run_at <= now()", ids
+            )
+            unsent = await store.pool.fetchval("SELECT count(*) FROM scan_publish_outbox")
+            return bool(pending == 0 and unsent == 0)
+
+        await poll("every due schedule fired and published", all_fired)
+        assert await queued_messages(own) == count
+    finally:
+        for process in dispatchers:
+            process.stop()
+        runs = await store.pool.fetch(
+            "SELECT schedule_id FROM scans WHERE schedule_id = ANY($1)", ids
+        )
+        await store.pool.execute("DELETE FROM scans WHERE schedule_id = ANY($1)", ids)
+        await store.pool.execute("DELETE FROM schedules WHERE id = ANY($1)", ids)
+        await delete_queues(own)
+    assert sorted(r["schedule_id"] for r in runs) == sorted(ids)
+    logs = [p.output() for p in dispatchers]
+    assert all("dispatcher started" in log for log in logs)

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-import aio_pika
 import asyncpg
 import pytest
 
@@ -22,6 +21,7 @@ from shared.schedules import Schedule, ScheduleCreate, ScheduleUpdate
 from shared.settings import Settings
 from shared.store import create_pool
 from tests.conftest import delete_queues
+from tests.support.broker import queued_messages
 
 BASE = datetime(2031, 1, 6, 0, 0, tzinfo=UTC)
 
@@ -65,17 +65,6 @@ def nightly(**changes: Any) -> ScheduleCreate:
     return ScheduleCreate.model_validate(
         {"target": "127.0.0.1", "ports": "22", "cron": "0 3 * * *", **changes}
     )
-
-
-async def queued_messages(settings: Settings) -> int:
-    connection = await aio_pika.connect(settings.broker_url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.get_queue(settings.scan_queue, ensure=True)
-        declared = await queue.declare()
-        count = declared.message_count
-        assert count is not None
-        return count
 
 
 async def test_two_dispatchers_never_double_fire(
