@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
+from api_service import openapi_monitoring
 from shared.diff import ScanDiff
 from shared.schemas import ScanAccepted, ScanCached, ScanPage, ScanRequest, ScanStatus
 
@@ -70,6 +71,7 @@ def build_openapi() -> dict[str, Any]:
             (ScanPage, "serialization"),
             (ScanDiff, "serialization"),
             (Error, "serialization"),
+            *openapi_monitoring.MODELS,
         ],
         ref_template="#/components/schemas/{model}",
     )
@@ -140,6 +142,11 @@ def build_openapi() -> dict[str, Any]:
                             },
                         },
                         {"name": "target", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "schedule_id",
+                            "in": "query",
+                            "schema": {"type": "string", "format": "uuid"},
+                        },
                     ],
                     "responses": {
                         "200": _json(ScanPage, "One page of scans"),
@@ -230,6 +237,7 @@ def build_openapi() -> dict[str, Any]:
                     },
                 },
             },
+            **openapi_monitoring.paths(_json, _errors, _ref, _SECURITY),
             "/healthz": {
                 "get": {
                     "summary": "Liveness",

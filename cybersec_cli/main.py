@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cybersec_cli import client
+from cybersec_cli.schedules import schedule_app, webhook_app
 from shared.keys import KeyStore
 from shared.migrate import migrate as apply_migrations
 from shared.settings import load_settings, redact_url
@@ -45,6 +46,8 @@ def migrate() -> None:
 
 
 app.add_typer(client.app)  # scan, status, list, cancel, result, diff
+app.add_typer(schedule_app, name="schedule")
+app.add_typer(webhook_app, name="webhook")
 
 keys_app = typer.Typer(help="API keys: shown once at creation, stored only as hashes.")
 app.add_typer(keys_app, name="keys")

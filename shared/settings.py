@@ -137,6 +137,49 @@ class Settings(BaseSettings):
             return None
         return max(1, int(self.rate_limit_per_minute * self.critical_share))
 
+    # --- schedules and webhooks (issue 17): the dispatcher's settings ---
+    dispatcher_interval: float = Field(default=2.0, gt=0, le=60)
+    """Seconds between two ticks of a dispatcher (due schedules, unsent messages, webhooks)."""
+    webhook_allow_networks: Annotated[tuple[str, ...], NoDecode] = ()
+    """CIDRs a webhook URL may resolve to besides global addresses (e.g. an internal receiver)."""
+    webhook_timeout: float = Field(default=10.0, gt=0, le=60)
+    """Seconds one webhook delivery attempt may take, connect to last byte read."""
+    webhook_max_response_bytes: int = Field(default=65_536, ge=0)
+    """Most bytes of a receiver's answer read (and the first 1 KiB kept) per attempt."""
+    webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,36000"
+    """Seconds between a failed delivery attempt and the next (the Standard Webhooks
+    schedule); after the last, the message has failed."""
+    webhook_disable_after: int = Field(default=432_000, ge=60)
+    """Seconds an endpoint may fail every delivery before it is disabled (5 days)."""
+    dispatcher_heartbeat_file: str = "/tmp/cybersec-dispatcher.heartbeat"  # noqa: S108
+    """File a dispatcher touches after every tick that reached PostgreSQL (liveness probe)."""
+    max_schedules_per_key: int = Field(default=100, ge=0)
+    """Schedules one API key may have; their runs are not counted by the per-key rate limits."""
+    max_webhooks_per_key: int = Field(default=20, ge=0)
+    """Webhooks one API key may have."""
+
+    @field_validator("webhook_allow_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _delays(cls, value: str) -> str:
+        try:
+            delays = [float(part) for part in value.split(",")]
+        except ValueError:
+            raise ValueError("webhook_retry_schedule: comma-separated seconds") from None
+        if not delays or any(d < 0 for d in delays):
+            raise ValueError("webhook_retry_schedule: comma-separated seconds, none negative")
+        return value
+
+    @property
+    def webhook_retry_delays(self) -> tuple[float, ...]:
+        return tuple(float(part) for part in self.webhook_retry_schedule.split(","))
+
     @field_validator("api_keys", "target_allow", "target_deny", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:

@@ -263,6 +263,7 @@ class ScanStore:
         before: tuple[datetime, UUID] | None = None,
         state: ScanState | None = None,
         target: str | None = None,
+        schedule_id: UUID | None = None,
     ) -> list[ScanListing]:
         """The owner's scans, newest first, strictly older than the ``before`` cursor; their
         results are not read, only their stored open-port count."""
@@ -277,6 +278,9 @@ class ScanStore:
         if target is not None:
             args.append(target)
             conditions.append(f"target = ${len(args)}")
+        if schedule_id is not None:
+            args.append(schedule_id)
+            conditions.append(f"schedule_id = ${len(args)}")
         args.append(limit)
         records = await self.pool.fetch(
             f"SELECT {_LISTING_COLUMNS} FROM scans"  # noqa: S608 - fixed fragments

@@ -257,7 +257,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, UUID]:
 async def list_scans(request: Request) -> Response:
     owner = await caller(request)
     query = request.query_params
-    unknown = set(query) - {"limit", "cursor", "state", "target"}
+    unknown = set(query) - {"limit", "cursor", "state", "target", "schedule_id"}
     if unknown:
         name = sorted(unknown)[0]
         raise ApiError(422, f"{name}: unknown query parameter", field=name)
@@ -277,6 +277,7 @@ async def list_scans(request: Request) -> Response:
             target = parse_target(target, max_hosts=MAX_HOSTS_LIMIT).value
         except TargetError as exc:
             raise ApiError(422, f"target: {exc}", field="target") from None
+    schedule_id = _schedule_filter(query.get("schedule_id"))
     limit = int(limit_text)
     try:
         rows = await services(request).store.list(
@@ -285,6 +286,7 @@ async def list_scans(request: Request) -> Response:
             before=before,
             state=state,  # type: ignore[arg-type]
             target=target,
+            schedule_id=schedule_id,
         )
     except DB_ERRORS:
         raise db_unavailable() from None
@@ -293,6 +295,15 @@ async def list_scans(request: Request) -> Response:
         next_cursor=_encode_cursor(rows[limit - 1]) if len(rows) > limit else None,
     )
     return ORJSONResponse(page.model_dump(mode="json"))
+
+
+def _schedule_filter(text: str | None) -> UUID | None:
+    if text is None:
+        return None
+    try:
+        return UUID(text)
+    except ValueError:
+        raise ApiError(422, "schedule_id must be a schedule's id", field="schedule_id") from None
 
 
 def summary(row: ScanListing) -> ScanSummary:

@@ -21,8 +21,8 @@ from .conftest import (
     load_settings,
 )
 
-OURS = ("migrate", "api", "worker")
-LONG_RUNNING = ("rabbitmq", "redis", "postgres", "api", "worker", "flower")
+OURS = ("migrate", "api", "worker", "dispatcher")
+LONG_RUNNING = ("rabbitmq", "redis", "postgres", "api", "worker", "dispatcher", "flower")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_long_running_services_have_healthchecks(services: dict[str, Any], name:
 def test_start_order_waits_for_health_and_migrations(services: dict[str, Any]) -> None:
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert services["migrate"]["command"] == ["cybersec", "migrate"]
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "dispatcher"):
         depends_on = services[name]["depends_on"]
         assert depends_on["migrate"] == {"condition": "service_completed_successfully"}
         for backend in ("rabbitmq", "redis", "postgres"):

@@ -229,7 +229,7 @@ def test_schema_rejects_bad_values(values: Obj) -> None:
 # --- settings reach both services ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("component", ["api", "worker"])
+@pytest.mark.parametrize("component", ["api", "worker", "dispatcher"])
 def test_every_setting_is_provided(rendered: Rendered, component: str) -> None:
     expected = SETTINGS_ENV if component == "api" else SETTINGS_ENV - API_ONLY_ENV
     names = {name for name in rendered.env_names(component) if name.startswith("CYBERSEC_")}
@@ -385,7 +385,7 @@ def pod_specs(rendered: Rendered) -> list[Obj]:
 
 def test_nothing_runs_as_root(rendered: Rendered) -> None:
     specs = pod_specs(rendered)
-    assert len(specs) == 3
+    assert len(specs) == 4  # api, worker, dispatcher, migrations
     for spec in specs:
         pod = spec["securityContext"]
         assert pod["runAsNonRoot"] is True
@@ -565,3 +565,25 @@ def test_prometheus_finds_both_services(rendered: Rendered) -> None:
         assert annotations["prometheus.io/path"] == "/metrics"
         assert annotations["prometheus.io/port"] == str(rendered.values[component][port_key])
     assert rendered.container("worker")["ports"][0]["name"] == "metrics"
+
+
+def test_two_dispatchers_run_the_schedules(rendered: Rendered, tmp_path: Path) -> None:
+    assert rendered.deployment("dispatcher")["spec"]["replicas"] == 2
+    container = rendered.container("dispatcher")
+    assert container["args"] == ["python", "-m", "api_service.dispatcher"]
+    assert "ports" not in container
+    assert "CYBERSEC_API_KEYS" not in {var["name"] for var in container["env"]}
+    heartbeat = rendered.container_env("dispatcher")["CYBERSEC_DISPATCHER_HEARTBEAT_FILE"]
+    assert heartbeat.startswith("/tmp/")  # noqa: S108 - the emptyDir; the root fs is read-only
+    command = container["livenessProbe"]["exec"]["command"]
+    assert container["startupProbe"]["exec"]["command"] == command
+    # The shared probe runner sets the worker's variable; the dispatcher's probe reads its own.
+    probe = [part.replace("CYBERSEC_DISPATCHER_", "CYBERSEC_") for part in command]
+    assert heartbeat_probe_exit_codes(probe, tmp_path) == (0, 1, 1)
+
+
+def test_the_dispatcher_can_be_left_out() -> None:
+    assert (
+        render({"dispatcher": {"enabled": False}}).maybe("Deployment", f"{FULLNAME}-dispatcher")
+        is None
+    )

@@ -112,7 +112,7 @@ def test_every_shipped_secret_is_refused_in_production() -> None:
     assert [s for s in secrets if not is_placeholder(s)] == []
 
 
-@pytest.mark.parametrize("name", ["api", "worker"])
+@pytest.mark.parametrize("name", ["api", "worker", "dispatcher"])
 def test_service_units(name: str) -> None:
     service = parse_unit(UNITS / f"cybersec-{name}.service")["Service"]
 
@@ -123,7 +123,8 @@ def test_service_units(name: str) -> None:
     assert one("Type") in {"exec", "simple"}
     assert one("EnvironmentFile") == ENV_FILE
     assert one("User") == "cybersec"
-    assert one("ExecStart").endswith(f"/bin/python -m {SERVICES[name]}")
+    module = {**SERVICES, "dispatcher": "api_service.dispatcher"}[name]
+    assert one("ExecStart").endswith(f"/bin/python -m {module}")
     assert one("KillSignal") == "SIGTERM"
     # SIGTERM to the main process only: Celery's pool processes must not die under their scans.
     assert one("KillMode") == "mixed"
