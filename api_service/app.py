@@ -19,6 +19,8 @@ from api_service.metrics import ApiMetrics, MeteredPublisher, MetricsMiddleware
 from api_service.publisher import AmqpPublisher, TaskPublisher
 from api_service.routes import routes
 from api_service.status import StatusReader
+from api_service.ui import ui_routes
+from api_service.ui.session import SessionCookies
 from shared.keys import KeyStore
 from shared.policy import TargetPolicy
 from shared.settings import Settings
@@ -92,10 +94,11 @@ def create_app(settings: Settings) -> Starlette:
             await pool.close()
 
     app = Starlette(
-        routes=routes,
+        routes=[*routes, *ui_routes()],
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
     )
     app.state.metrics = metrics
+    app.state.ui_cookies = SessionCookies(settings.ui_secret, settings.ui_session_seconds)
     return app

@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     resolve_timeout: float = Field(default=3.0, gt=0)
     """Seconds the gateway and the worker wait for a hostname to resolve."""
 
+    # Web dashboard (issue 18): the gateway's /ui pages and their session cookie.
+    ui_secret: str = Field(default="", repr=False)
+    """Key that signs the dashboard's session cookies; share it between API replicas. Empty:
+    a random key per process, so sessions end when the process does."""
+    ui_session_seconds: int = Field(default=28_800, ge=60)
+    """How long a dashboard sign-in lasts."""
+
     @field_validator("api_keys", "target_allow", "target_deny", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:

@@ -1,0 +1,32 @@
+"""The web dashboard under ``/ui``: server-rendered pages over the API's own handlers."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, Router
+from starlette.staticfiles import StaticFiles
+
+from api_service.ui import scans, signin, targets
+from api_service.ui.headers import SecurityHeaders
+from api_service.ui.render import HERE
+
+
+async def home(_request: Request) -> Response:
+    return RedirectResponse("/ui/", status_code=307)
+
+
+def ui_routes() -> list[BaseRoute]:
+    """``/`` redirects to the dashboard; everything under ``/ui`` carries the security headers."""
+    pages = Router(
+        routes=[
+            *signin.routes,
+            *scans.routes,
+            *targets.routes,
+            Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
+        ]
+    )
+    return [
+        Route("/", home, methods=["GET"]),
+        Mount("/ui", app=SecurityHeaders(pages)),
+    ]

@@ -1,0 +1,281 @@
+"""The dashboard in a real browser, against the real gateway and worker of this test run.
+
+Every scan targets listeners on 127.0.0.1 that the tests open themselves.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, expect
+
+from tests.conftest import wait_final
+from tests.support.banners import banner_listener
+from tests.ui.conftest import DESKTOP, PHONE, sign_in
+
+pytestmark = pytest.mark.e2e
+
+TASK_URL = re.compile(r"/ui/scans/[0-9a-f-]{36}$")
+
+# Runs before the page's own scripts, outside its Content-Security-Policy: it records what the
+# server-sent events put on the page, since the live parts are gone once the result replaces them.
+RECORDER = """
+window.__seen = {progress: [], livePorts: 0};
+document.addEventListener("DOMContentLoaded", () => {
+  new MutationObserver(() => {
+    const bar = document.querySelector("#progress progress");
+    if (bar) window.__seen.progress.push(Number(bar.value));
+    const rows = document.querySelectorAll("#live-ports tbody tr").length;
+    window.__seen.livePorts = Math.max(window.__seen.livePorts, rows);
+  }).observe(document.body, {childList: true, subtree: true});
+});
+"""
+
+
+class Watch:
+    """Dialogs, uncaught errors and console errors (CSP violations among them) of a context."""
+
+    def __init__(self, context: BrowserContext) -> None:
+        self.problems: list[str] = []
+        context.on("page", self.attach)
+        for page in context.pages:
+            self.attach(page)
+
+    def attach(self, page: Page) -> None:
+        page.on("dialog", lambda dialog: self._dialog(dialog.message, dialog))
+        page.on("pageerror", lambda error: self.problems.append(f"page error: {error}"))
+        page.on(
+            "response",
+            lambda r: self.problems.append(f"{r.status} {r.url}") if r.status >= 500 else None,
+        )
+        page.on(
+            "console",
+            lambda msg: (
+                self.problems.append(f"console: {msg.text}") if msg.type == "error" else None
+            ),
+        )
+
+    def _dialog(self, message: str, dialog: Any) -> None:
+        self.problems.append(f"dialog: {message}")
+        dialog.dismiss()
+
+
+def submit(page: Page, target: str, ports: str, *, timeout: str = "1.0") -> str:
+    page.goto("/ui/")
+    page.locator("#target").fill(target)
+    page.locator("#ports").fill(ports)
+    page.locator("#timeout").fill(timeout)
+    page.get_by_role("button", name="Start scan").click()
+    page.wait_for_url(TASK_URL)
+    return page.url.rsplit("/", 1)[1]
+
+
+def result_rows(page: Page) -> list[list[str]]:
+    page.locator("#result-table").wait_for(timeout=30_000)
+    rows = page.locator("#result-table tbody tr")
+    return [
+        [cell.strip() for cell in rows.nth(i).locator("td").all_inner_texts()]
+        for i in range(rows.count())
+    ]
+
+
+def api_rows(result: dict[str, Any]) -> list[list[str]]:
+    fields = ("address", "port", "state", "service", "product", "version", "banner")
+    return [[str(p.get(f) or "") for f in fields] for p in result["open_ports"]]
+
+
+def shoot(page: Page, folder: Path | None, name: str) -> None:
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    page.set_viewport_size(DESKTOP)
+    page.screenshot(path=folder / f"{name}.png", full_page=True)
+    page.set_viewport_size(PHONE)
+    page.screenshot(path=folder / f"{name}-phone.png", full_page=True)
+    page.set_viewport_size(DESKTOP)
+
+
+def test_a_scan_runs_live_and_its_table_is_the_apis_result(
+    context: BrowserContext,
+    api_key: str,
+    client: httpx.Client,
+    worker: object,
+    listeners: list[int],
+    silent_port: int,
+) -> None:
+    watch = Watch(context)
+    context.add_init_script(RECORDER)
+    page = context.new_page()
+    sign_in(page, api_key)
+    # The silent port holds the scan for its timeout: long enough to watch it run.
+    ports = ",".join(map(str, [*listeners, silent_port]))
+    task = submit(page, "127.0.0.1", ports, timeout="3")
+    expect(page.locator("#scan-live")).to_be_visible()
+    expect(page.locator("#live-ports tbody tr")).to_have_count(len(listeners), timeout=10_000)
+
+    rows = result_rows(page)
+    expect(page.locator("#final-state")).to_have_text("SUCCESS")
+    seen = page.evaluate("window.__seen")
+    assert seen["livePorts"] == len(listeners)
+    assert any(0 <= value < 100 for value in seen["progress"]), seen
+    final = wait_final(client, task)
+    assert rows == api_rows(final["result"])
+    assert [int(row[1]) for row in rows] == listeners
+    assert watch.problems == []
+
+
+def test_planted_banners_are_shown_as_text_and_never_run(
+    context: BrowserContext, api_key: str, client: httpx.Client, worker: object
+) -> None:
+    watch = Watch(context)
+    page = context.new_page()
+    sign_in(page, api_key)
+    script = b'<script>alert("xss-script")</script>'
+    image = b'"><img src=x onerror=alert("xss-img")>'
+    with banner_listener(script + b"\r\n") as first, banner_listener(image + b"\r\n") as second:
+        task = submit(page, "127.0.0.1", f"{first},{second}")
+        rows = result_rows(page)
+    assert sorted(row[-1] for row in rows) == sorted([script.decode(), image.decode()])
+    assert page.locator("#result-table img, #result-table script").count() == 0
+    assert rows == api_rows(wait_final(client, task)["result"])
+    # The same text on every page that shows it, including a fresh load of the finished scan.
+    page.reload()
+    result_rows(page)
+    page.goto("/ui/targets")
+    page.goto("/ui/")
+    assert watch.problems == []
+
+
+def test_a_port_that_opens_shows_in_the_diff_and_nmap_xml_downloads(
+    context: BrowserContext,
+    api_key: str,
+    client: httpx.Client,
+    worker: object,
+    screenshots: Path | None,
+) -> None:
+    watch = Watch(context)
+    page = context.new_page()
+    sign_in(page, api_key)
+    # An address of its own, so no other test's scan is "the previous scan" of this target.
+    address = f"127.{secrets.randbelow(200) + 50}.{secrets.randbelow(250) + 1}.9"
+    with socket.create_server((address, 0)) as always, socket.socket() as later:
+        # Bound but not listening: refused (closed) until listen() opens it.
+        later.bind((address, 0))
+        opened = later.getsockname()[1]
+        steady = always.getsockname()[1]
+        ports = f"{steady},{opened}"
+        first = submit(page, address, ports)
+        result_rows(page)
+        expect(page.locator("#diff")).to_contain_text("no earlier completed scan")
+        later.listen()
+        second = submit(page, address, ports)
+        rows = result_rows(page)
+    assert sorted(int(row[1]) for row in rows) == sorted([steady, opened])
+    expect(page.locator("#diff-table tr.diff-open")).to_have_count(1)
+    expect(page.locator("#diff-table tr.diff-open td").nth(2)).to_have_text(str(opened))
+    expect(page.locator(f'#diff a[href="/ui/scans/{first}"]')).to_be_visible()
+
+    with page.expect_download() as download_info:
+        page.get_by_role("link", name="nmap-xml").click()
+    download = download_info.value
+    assert download.suggested_filename == f"scan-{second}.xml"
+    wait_final(client, second)
+    expected = client.get(f"/api/scan/{second}/result", params={"format": "nmap-xml"})
+    assert Path(download.path()).read_bytes() == expected.content
+    shoot(page, screenshots, "scan-detail")
+
+    page.goto("/ui/targets")
+    chart = page.locator(".chart").first
+    expect(chart.locator("canvas")).to_have_count(1)
+    shoot(page, screenshots, "targets")
+    page.goto("/ui/")
+    expect(page.locator(f'tr[data-task-id="{second}"]')).to_be_visible()
+    shoot(page, screenshots, "scans")
+    assert watch.problems == []
+
+
+def test_cancel_a_running_scan_then_sign_out(
+    context: BrowserContext,
+    api_key: str,
+    client: httpx.Client,
+    worker: object,
+    silent_port: int,
+) -> None:
+    watch = Watch(context)
+    page = context.new_page()
+    sign_in(page, api_key)
+    task = submit(page, "127.0.0.1", str(silent_port), timeout="20")
+    deadline = time.monotonic() + 15
+    while client.get(f"/api/scan/{task}").json()["state"] not in ("STARTED", "PROGRESS"):
+        assert time.monotonic() < deadline, "the scan never started"
+        time.sleep(0.05)
+    page.get_by_role("button", name="Cancel scan").click()
+    page.wait_for_url(TASK_URL)
+    expect(page.locator("#final-state")).to_have_text("REVOKED", timeout=15_000)
+    assert wait_final(client, task)["state"] == "REVOKED"
+
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url("**/ui/login?reason=signed_out")
+    expect(page.get_by_role("status")).to_contain_text("signed out")
+    page.goto(f"/ui/scans/{task}")
+    assert "/ui/login" in page.url
+    assert watch.problems == []
+
+
+def test_another_key_gets_a_404_page_and_the_session_is_locked_down(
+    browser: Browser,
+    context: BrowserContext,
+    api: str,
+    api_key: str,
+    other_api_key: str,
+    client: httpx.Client,
+) -> None:
+    accepted = client.post("/api/scan", json={"target": "127.0.0.1", "ports": "1"})
+    assert accepted.status_code == 202, accepted.text
+    task = accepted.json()["task_id"]
+
+    urls: list[str] = []
+    context.on("request", lambda request: urls.append(request.url))
+    page = context.new_page()
+    response = page.goto("/")
+    assert response is not None
+    assert page.url.endswith("/ui/login?reason=signed_out")
+    headers = response.headers
+    csp = headers["content-security-policy"]
+    assert "script-src 'self'" in csp
+    assert "frame-ancestors 'none'" in csp
+    assert "unsafe-inline" not in csp
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["referrer-policy"] == "no-referrer"
+    sign_in(page, api_key)
+    assert api_key not in page.content()
+    assert not any(api_key in url for url in urls)
+    (cookie,) = context.cookies()
+    assert cookie["httpOnly"] is True
+    assert cookie["sameSite"] == "Strict"
+    assert api_key not in cookie["value"]
+    # A form post without the session's CSRF token is refused.
+    forged = page.request.post("/ui/scans", form={"target": "127.0.0.1", "ports": "1"})
+    assert forged.status == 403
+
+    other = browser.new_context(base_url=api, viewport=DESKTOP)
+    try:
+        stranger = other.new_page()
+        sign_in(stranger, other_api_key)
+        response = stranger.goto(f"/ui/scans/{task}")
+        assert response is not None
+        assert response.status == 404
+        expect(stranger.get_by_role("heading", name="Not found")).to_be_visible()
+        for suffix in ("/result?format=json", "/events"):
+            assert stranger.request.get(f"/ui/scans/{task}{suffix}").status == 404
+        stranger.goto("/ui/")
+        expect(stranger.locator(f'tr[data-task-id="{task}"]')).to_have_count(0)
+    finally:
+        other.close()
