@@ -9,9 +9,18 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def banner_listener(banner: bytes) -> Iterator[int]:
-    """A port on 127.0.0.1 that sends ``banner`` to whoever connects, then closes."""
-    server = socket.create_server(("127.0.0.1", 0))
+def banner_listener(
+    banner: bytes, *, address: str = "127.0.0.1", bound: socket.socket | None = None
+) -> Iterator[int]:
+    """A loopback port that sends ``banner`` to whoever connects, then closes.
+
+    ``bound`` is a socket already bound (to keep its port closed until now); it starts
+    listening here and is closed at the end like a socket made here.
+    """
+    server = bound or socket.socket()
+    if bound is None:
+        server.bind((address, 0))
+    server.listen()
     server.settimeout(0.2)
     stop = threading.Event()
 

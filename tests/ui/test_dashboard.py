@@ -96,6 +96,7 @@ def shoot(page: Page, folder: Path | None, name: str) -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     page.set_viewport_size(DESKTOP)
+    page.evaluate("document.activeElement && document.activeElement.blur()")
     page.screenshot(path=folder / f"{name}.png", full_page=True)
     page.set_viewport_size(PHONE)
     page.screenshot(path=folder / f"{name}-phone.png", full_page=True)
@@ -165,18 +166,18 @@ def test_a_port_that_opens_shows_in_the_diff_and_nmap_xml_downloads(
     sign_in(page, api_key)
     # An address of its own, so no other test's scan is "the previous scan" of this target.
     address = f"127.{secrets.randbelow(200) + 50}.{secrets.randbelow(250) + 1}.9"
-    with socket.create_server((address, 0)) as always, socket.socket() as later:
-        # Bound but not listening: refused (closed) until listen() opens it.
+    ssh = banner_listener(b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n", address=address)
+    with ssh as steady, socket.socket() as later:
+        # Bound but not listening: refused (closed) until the second scan.
         later.bind((address, 0))
         opened = later.getsockname()[1]
-        steady = always.getsockname()[1]
         ports = f"{steady},{opened}"
         first = submit(page, address, ports)
         result_rows(page)
         expect(page.locator("#diff")).to_contain_text("no earlier completed scan")
-        later.listen()
-        second = submit(page, address, ports)
-        rows = result_rows(page)
+        with banner_listener(b"220 mail.example.test ESMTP Postfix\r\n", bound=later):
+            second = submit(page, address, ports)
+            rows = result_rows(page)
     assert sorted(int(row[1]) for row in rows) == sorted([steady, opened])
     expect(page.locator("#diff-table tr.diff-open")).to_have_count(1)
     expect(page.locator("#diff-table tr.diff-open td").nth(2)).to_have_text(str(opened))

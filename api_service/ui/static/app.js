@@ -3,6 +3,12 @@
 (function () {
   "use strict";
 
+  var plots = [];
+
+  function chartWidth(el) {
+    return Math.max(240, Math.min(el.clientWidth || 640, 960));
+  }
+
   function drawCharts(root) {
     if (typeof uPlot === "undefined") {
       return;
@@ -10,9 +16,8 @@
     root.querySelectorAll("[data-chart]:not([data-drawn])").forEach(function (el) {
       var data = JSON.parse(el.getAttribute("data-chart"));
       el.setAttribute("data-drawn", "true");
-      var width = Math.max(240, Math.min(el.clientWidth || 640, 960));
-      new uPlot({
-        width: width,
+      plots.push({ el: el, plot: new uPlot({
+        width: chartWidth(el),
         height: 180,
         scales: { x: { time: true }, y: { range: function (u, min, max) { return [0, Math.max(1, max + 1)]; } } },
         series: [
@@ -20,7 +25,7 @@
           { label: "open ports", stroke: "#2563eb", width: 2, points: { show: true, size: 7, fill: "#2563eb" } }
         ],
         axes: [{}, { label: "open ports" }]
-      }, [data.x, data.y], el);
+      }, [data.x, data.y], el) });
     });
   }
 
@@ -32,6 +37,11 @@
   }
 
   document.addEventListener("DOMContentLoaded", function () { drawCharts(document); });
+  window.addEventListener("resize", function () {
+    plots.forEach(function (entry) {
+      entry.plot.setSize({ width: chartWidth(entry.el), height: 180 });
+    });
+  });
   document.addEventListener("htmx:sendError", function () { showNetError(true); });
   document.addEventListener("htmx:sseError", function () { showNetError(true); });
   document.addEventListener("htmx:sseOpen", function () { showNetError(false); });
