@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any, get_args
 
@@ -64,6 +65,7 @@ async def list_context(request: Request, user: SignedIn) -> dict[str, Any]:
         "states": get_args(ScanState),
         "priorities": get_args(Priority),
         "table_query": {k: v for k, v in filters.items() if k != "cursor"},
+        "submission": secrets.token_urlsafe(16),
     }
 
 
@@ -103,9 +105,18 @@ def scan_request(form: dict[str, str]) -> dict[str, Any]:
 @signed_in
 async def submit(request: Request, user: SignedIn) -> Response:
     form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    # Each rendering of the form has its own token, sent as the Idempotency-Key: a double click
+    # or a resent form gives back the same scan instead of a second one.
+    token = form.get("submission", "")
+    headers = {"Idempotency-Key": token} if 0 < len(token) <= 64 else None
     try:
         response = await call(
-            request, user.key_id, api_scans.submit_scan, method="POST", json_body=scan_request(form)
+            request,
+            user.key_id,
+            api_scans.submit_scan,
+            method="POST",
+            json_body=scan_request(form),
+            headers=headers,
         )
     except ApiError as exc:
         context = await list_context(request, user)

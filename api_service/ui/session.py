@@ -72,7 +72,7 @@ class SessionCookies:
             max_age=self.max_age,
             path=COOKIE_PATH,
             httponly=True,
-            secure=request.url.scheme == "https",
+            secure=_over_tls(request),
             samesite="strict",
         )
 
@@ -81,6 +81,11 @@ class SessionCookies:
             COOKIE,
             path=COOKIE_PATH,
             httponly=True,
-            secure=request.url.scheme == "https",
+            secure=_over_tls(request),
             samesite="strict",
         )
+
+
+def _over_tls(request: Request) -> bool:
+    # uvicorn sets the scheme from X-Forwarded-Proto when it trusts the proxy (--proxy-headers).
+    return request.scope.get("scheme") == "https"

@@ -202,7 +202,14 @@ def test_a_port_that_opens_shows_in_the_diff_and_nmap_xml_downloads(
     assert watch.problems == []
 
 
-def test_cancel_a_running_scan_then_sign_out(
+def wait_running(client: httpx.Client, task: str) -> None:
+    deadline = time.monotonic() + 15
+    while client.get(f"/api/scan/{task}").json()["state"] not in ("STARTED", "PROGRESS"):
+        assert time.monotonic() < deadline, f"scan {task} never started"
+        time.sleep(0.05)
+
+
+def test_cancel_running_scans_the_list_follows_live_then_sign_out(
     context: BrowserContext,
     api_key: str,
     client: httpx.Client,
@@ -213,14 +220,27 @@ def test_cancel_a_running_scan_then_sign_out(
     page = context.new_page()
     sign_in(page, api_key)
     task = submit(page, "127.0.0.1", str(silent_port), timeout="20")
-    deadline = time.monotonic() + 15
-    while client.get(f"/api/scan/{task}").json()["state"] not in ("STARTED", "PROGRESS"):
-        assert time.monotonic() < deadline, "the scan never started"
-        time.sleep(0.05)
-    page.get_by_role("button", name="Cancel scan").click()
+    wait_running(client, task)
+    page.goto("/ui/")
+    row = page.locator(f'tr[data-task-id="{task}"]')
+    expect(row).to_have_attribute("data-state", "running")
+    expect(row.locator("progress")).to_have_count(1)
+    row.get_by_role("button", name="Cancel").click()
     page.wait_for_url(TASK_URL)
     expect(page.locator("#final-state")).to_have_text("REVOKED", timeout=15_000)
     assert wait_final(client, task)["state"] == "REVOKED"
+
+    # The list refreshes what is still active by itself: a scan cancelled elsewhere turns
+    # revoked on the open page, without a reload.
+    body = {"target": "127.0.0.1", "ports": str(silent_port), "config": {"timeout": 20}}
+    other = client.post("/api/scan", json=body).json()["task_id"]
+    page.goto("/ui/")
+    page.evaluate("window.__notReloaded = true")
+    row = page.locator(f'tr[data-task-id="{other}"]')
+    expect(row).to_be_visible()
+    assert client.delete(f"/api/scan/{other}").status_code == 202
+    expect(row).to_have_attribute("data-state", "revoked", timeout=15_000)
+    assert page.evaluate("window.__notReloaded") is True
 
     page.get_by_role("button", name="Sign out").click()
     page.wait_for_url("**/ui/login?reason=signed_out")
@@ -265,6 +285,16 @@ def test_another_key_gets_a_404_page_and_the_session_is_locked_down(
     # A form post without the session's CSRF token is refused.
     forged = page.request.post("/ui/scans", form={"target": "127.0.0.1", "ports": "1"})
     assert forged.status == 403
+    # The same rendering of the form sent twice (a double click) is one scan.
+    form = {
+        "csrf": page.locator("input[name=csrf]").first.input_value(),
+        "submission": page.locator("input[name=submission]").input_value(),
+        "target": "127.0.0.1",
+        "ports": "2",
+    }
+    answers = [page.request.post("/ui/scans", form=form, max_redirects=0) for _ in range(2)]
+    assert [a.status for a in answers] == [303, 303]
+    assert answers[0].headers["location"] == answers[1].headers["location"]
 
     other = browser.new_context(base_url=api, viewport=DESKTOP)
     try:
