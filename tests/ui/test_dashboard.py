@@ -286,7 +286,7 @@ def test_another_key_gets_a_404_page_and_the_session_is_locked_down(
     forged = page.request.post("/ui/scans", form={"target": "127.0.0.1", "ports": "1"})
     assert forged.status == 403
     # The same rendering of the form sent twice (a double click) is one scan.
-    form = {
+    form: dict[str, str | float | bool] = {
         "csrf": page.locator("input[name=csrf]").first.input_value(),
         "submission": page.locator("input[name=submission]").input_value(),
         "target": "127.0.0.1",
