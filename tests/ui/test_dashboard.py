@@ -5,10 +5,12 @@ Every scan targets listeners on 127.0.0.1 that the tests open themselves.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
+from shared.keys import KeyStore
+from shared.store import create_pool
 from tests.conftest import wait_final
 from tests.support.banners import banner_listener
 from tests.ui.conftest import DESKTOP, PHONE, sign_in
@@ -310,3 +314,39 @@ def test_another_key_gets_a_404_page_and_the_session_is_locked_down(
         expect(stranger.locator(f'tr[data-task-id="{task}"]')).to_have_count(0)
     finally:
         other.close()
+
+
+def test_a_revoked_key_ends_its_session(browser: Browser, api: str, database: str) -> None:
+    async def keys(action: str, name: str) -> str:
+        pool = await create_pool(database, max_size=1)
+        try:
+            store = KeyStore(pool)
+            if action == "create":
+                return await store.create(name)
+            await store.revoke(name)
+            return ""
+        finally:
+            await pool.close()
+
+    def run(action: str, name: str) -> str:
+        # Playwright's sync API keeps an event loop running in this thread: use another one.
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, keys(action, name)).result()
+
+    name = f"ui-revoked-{secrets.token_hex(4)}"
+    key = run("create", name)
+    context = browser.new_context(base_url=api, viewport=DESKTOP)
+    try:
+        page = context.new_page()
+        sign_in(page, key)
+        (signed_in,) = context.cookies()
+        run("revoke", name)
+        page.goto("/ui/targets")
+        assert page.url.endswith("/ui/login?reason=revoked")
+        expect(page.get_by_role("status")).to_contain_text("revoked")
+        # The signed-in cookie was replaced by the sign-in form's own, which signs nobody in.
+        assert [c["value"] for c in context.cookies()] != [signed_in["value"]]
+        page.goto("/ui/")
+        assert "/ui/login" in page.url
+    finally:
+        context.close()
