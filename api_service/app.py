@@ -20,7 +20,7 @@ from api_service.publisher import AmqpPublisher, TaskPublisher
 from api_service.routes import routes
 from api_service.status import StatusReader
 from api_service.ui import ui_routes
-from api_service.ui.session import SessionCookies
+from api_service.ui.session import SessionCookies, stored_secret
 from shared.keys import KeyStore
 from shared.policy import TargetPolicy
 from shared.settings import Settings
@@ -67,6 +67,8 @@ def create_app(settings: Settings) -> Starlette:
         store = ScanStore(pool)
         keys = KeyStore(pool)
         await register_env_keys(keys, settings)
+        ui_secret = settings.ui_secret or await stored_secret(pool)
+        app.state.ui_cookies = SessionCookies(ui_secret, settings.ui_session_seconds)
         app.state.services = Services(
             settings=settings,
             store=store,
@@ -100,5 +102,4 @@ def create_app(settings: Settings) -> Starlette:
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
     )
     app.state.metrics = metrics
-    app.state.ui_cookies = SessionCookies(settings.ui_secret, settings.ui_session_seconds)
     return app

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.requests import Request
 from starlette.responses import Response
@@ -37,13 +38,23 @@ class Session:
         return hmac.compare_digest(self.csrf.encode(), token.encode())
 
 
+async def stored_secret(pool: asyncpg.Pool[Any]) -> str:
+    """The signing key kept in PostgreSQL, made by whichever API process asks first."""
+    await pool.execute(
+        "INSERT INTO dashboard_secret (value) VALUES ($1) ON CONFLICT (id) DO NOTHING",
+        secrets.token_urlsafe(32),
+    )
+    value: str = await pool.fetchval("SELECT value FROM dashboard_secret")
+    return value
+
+
 class SessionCookies:
-    """Reads and writes :class:`Session` cookies signed with the configured secret."""
+    """Reads and writes :class:`Session` cookies signed with ``secret``."""
 
     def __init__(self, secret: str, max_age: int) -> None:
-        # No secret configured: one per process, so a restart signs everyone out.
-        key = secret or secrets.token_urlsafe(32)
-        self._serializer = URLSafeTimedSerializer(key, salt="cybersec-ui-session")
+        if not secret:
+            raise ValueError("the dashboard's session cookies need a signing key")
+        self._serializer = URLSafeTimedSerializer(secret, salt="cybersec-ui-session")
         self.max_age = max_age
 
     def load(self, request: Request) -> Session | None:

@@ -53,10 +53,14 @@ def test_a_tampered_foreign_or_expired_cookie_is_no_session(
     value, _ = issued(jar, Session.anonymous().signed_in(uuid4()))
     assert jar.load(request_with(value + "x")) is None
     assert SessionCookies("t" * 32, max_age=600).load(request_with(value)) is None
-    assert SessionCookies("", max_age=600).load(request_with(value)) is None
     now = time.time()
     monkeypatch.setattr(time, "time", lambda: now + 601)
     assert jar.load(request_with(value)) is None
+
+
+def test_cookies_are_never_signed_with_an_empty_key() -> None:
+    with pytest.raises(ValueError, match="signing key"):
+        SessionCookies("", max_age=600)
 
 
 def test_csrf_tokens_compare_whole() -> None:
