@@ -20,6 +20,8 @@ CONTENT_SECURITY_POLICY = "; ".join(
     )
 )
 
+STATIC_PREFIX = "/ui/static/"
+
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Content-Type-Options": "nosniff",
@@ -44,8 +46,10 @@ class SecurityHeaders:
                 for name, value in SECURITY_HEADERS.items():
                     headers[name] = value
                 if "cache-control" not in headers:
-                    # Pages show one key's scans: keep them out of shared caches.
-                    headers["Cache-Control"] = "no-store"
+                    # Pages show one key's scans: keep them out of every cache. Static files
+                    # are the same for everyone and revalidated by their ETag.
+                    static = scope["path"].startswith(STATIC_PREFIX)
+                    headers["Cache-Control"] = "no-cache" if static else "no-store"
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

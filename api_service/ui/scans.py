@@ -153,7 +153,8 @@ async def finished_context(
         except ApiError as exc:
             if exc.status not in (404, 409):
                 raise
-            diff_error = exc.message
+            # 409: the result is in Redis but not yet in PostgreSQL, where diffs read it.
+            diff_error = exc.message if exc.status == 404 else "Reload the page in a moment."
     return {
         "row": row,
         "status": status,

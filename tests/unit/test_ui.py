@@ -6,13 +6,17 @@ import time
 from datetime import UTC, datetime
 from uuid import uuid4
 
+import httpx
 import orjson
 import pytest
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
 from api_service.errors import ApiError
 from api_service.openapi import build_openapi
+from api_service.ui import ui_routes
+from api_service.ui.headers import CONTENT_SECURITY_POLICY
 from api_service.ui.render import what_to_do
 from api_service.ui.scans import scan_request
 from api_service.ui.session import COOKIE, Session, SessionCookies
@@ -121,3 +125,21 @@ def test_the_dashboard_is_not_in_the_api_document() -> None:
     paths = list(build_openapi()["paths"])
     assert "/api/scan" in paths
     assert all(not path.startswith("/ui") and path != "/" for path in paths)
+
+
+async def test_static_files_ship_with_the_security_headers() -> None:
+    app = Starlette(routes=ui_routes())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://ui.test") as client:
+        home = await client.get("/")
+        assert (home.status_code, home.headers["location"]) == (307, "/ui/")
+        for path in ("app.js", "vendor/htmx.min.js", "vendor/sse.min.js", "vendor/uPlot.min.js"):
+            response = await client.get(f"/ui/static/{path}")
+            assert response.status_code == 200, path
+            assert "javascript" in response.headers["content-type"]
+            assert response.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+            assert response.headers["x-content-type-options"] == "nosniff"
+            assert response.headers["cache-control"] == "no-cache"
+            if path.startswith("vendor/"):
+                # Each vendored file keeps a licence header naming where it came from.
+                assert response.text.startswith("/*!"), path
