@@ -7,7 +7,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
-from api_service.ui import scans, signin, targets
+from api_service.ui import scan_page, scans, signin, targets
 from api_service.ui.headers import SecurityHeaders
 from api_service.ui.render import HERE
 
@@ -22,6 +22,7 @@ def ui_routes() -> list[BaseRoute]:
         routes=[
             *signin.routes,
             *scans.routes,
+            *scan_page.routes,
             *targets.routes,
             Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
         ]

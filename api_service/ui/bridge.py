@@ -55,12 +55,10 @@ async def call(
     return await handler(Request(scope, receive))
 
 
-async def call_json(
-    request: Request, key_id: UUID, handler: Handler, **kwargs: Any
-) -> tuple[int, Any]:
-    """:func:`call`, with the JSON body the API would have sent."""
+async def call_json(request: Request, key_id: UUID, handler: Handler, **kwargs: Any) -> Any:
+    """:func:`call`, answering the JSON body the API would have sent."""
     response = await call(request, key_id, handler, **kwargs)
-    return response.status_code, orjson.loads(response.body)
+    return orjson.loads(response.body)
 
 
 def _body_receiver(body: bytes) -> Callable[[], Awaitable[Message]]:

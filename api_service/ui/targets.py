@@ -42,7 +42,7 @@ def by_target(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @signed_in
 async def target_list(request: Request, user: SignedIn) -> Response:
-    _, body = await call_json(
+    body = await call_json(
         request, user.key_id, api_scans.list_scans, query={"limit": str(HISTORY)}
     )
     context = {
