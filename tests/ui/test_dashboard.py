@@ -289,6 +289,16 @@ def test_another_key_gets_a_404_page_and_the_session_is_locked_down(
     # A form post without the session's CSRF token is refused.
     forged = page.request.post("/ui/scans", form={"target": "127.0.0.1", "ports": "1"})
     assert forged.status == 403
+    # A request the API refuses comes back as the form with the API's own message, filled in.
+    page.goto("/ui/")
+    page.locator("#target").fill("127.0.0.66")
+    page.locator("#ports").fill("80-20")
+    page.get_by_role("button", name="Start scan").click()
+    expect(page.locator("#form-error")).to_contain_text("runs backwards")
+    expect(page.locator("#target")).to_have_value("127.0.0.66")
+    page.locator("#ports").fill("80")
+    page.get_by_role("button", name="Start scan").click()
+    expect(page.locator("#form-error")).to_contain_text("denied")
     # The same rendering of the form sent twice (a double click) is one scan.
     form: dict[str, str | float | bool] = {
         "csrf": page.locator("input[name=csrf]").first.input_value(),
