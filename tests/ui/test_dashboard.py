@@ -114,6 +114,7 @@ def test_a_scan_runs_live_and_its_table_is_the_apis_result(
     worker: object,
     listeners: list[int],
     silent_port: int,
+    screenshots: Path | None,
 ) -> None:
     watch = Watch(context)
     context.add_init_script(RECORDER)
@@ -121,9 +122,10 @@ def test_a_scan_runs_live_and_its_table_is_the_apis_result(
     sign_in(page, api_key)
     # The silent port holds the scan for its timeout: long enough to watch it run.
     ports = ",".join(map(str, [*listeners, silent_port]))
-    task = submit(page, "127.0.0.1", ports, timeout="3")
+    task = submit(page, "127.0.0.1", ports, timeout="4")
     expect(page.locator("#scan-live")).to_be_visible()
     expect(page.locator("#live-ports tbody tr")).to_have_count(len(listeners), timeout=10_000)
+    shoot(page, screenshots, "scan-running")
 
     rows = result_rows(page)
     expect(page.locator("#final-state")).to_have_text("SUCCESS")
