@@ -10,22 +10,26 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from shared.keys import KeyStore
+from shared.settings import Settings
 from shared.store import create_pool
-from tests.conftest import wait_final
+from tests.conftest import base_url, own_stack, wait_final
 from tests.support.banners import banner_listener
 from tests.ui.conftest import DESKTOP, PHONE, sign_in
 
 pytestmark = pytest.mark.e2e
 
+T = TypeVar("T")
 TASK_URL = re.compile(r"/ui/scans/[0-9a-f-]{36}$")
 
 # Runs before the page's own scripts, outside its Content-Security-Policy: it records what the
@@ -41,6 +45,13 @@ document.addEventListener("DOMContentLoaded", () => {
   }).observe(document.body, {childList: true, subtree: true});
 });
 """
+
+
+def off_loop(function: Callable[..., T], *args: Any) -> T:
+    """Run ``function`` in another thread: Playwright's sync API keeps an event loop running in
+    this one, so code that runs its own (``asyncio.run``) cannot run here."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(function, *args).result()
 
 
 class Watch:
@@ -340,19 +351,14 @@ def test_a_revoked_key_ends_its_session(browser: Browser, api: str, database: st
         finally:
             await pool.close()
 
-    def run(action: str, name: str) -> str:
-        # Playwright's sync API keeps an event loop running in this thread: use another one.
-        with ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, keys(action, name)).result()
-
     name = f"ui-revoked-{secrets.token_hex(4)}"
-    key = run("create", name)
+    key = off_loop(asyncio.run, keys("create", name))
     context = browser.new_context(base_url=api, viewport=DESKTOP)
     try:
         page = context.new_page()
         sign_in(page, key)
         (signed_in,) = context.cookies()
-        run("revoke", name)
+        off_loop(asyncio.run, keys("revoke", name))
         page.goto("/ui/targets")
         assert page.url.endswith("/ui/login?reason=revoked")
         expect(page.get_by_role("status")).to_contain_text("revoked")
@@ -362,3 +368,40 @@ def test_a_revoked_key_ends_its_session(browser: Browser, api: str, database: st
         assert "/ui/login" in page.url
     finally:
         context.close()
+
+
+def test_a_rate_limited_submission_says_when_to_retry(
+    browser: Browser,
+    settings: Settings,
+    run_dir: Path,
+    database: str,
+    redis_client: object,  # removes this run's Redis keys, the ones under the own prefix too
+    api_key: str,
+) -> None:
+    # A gateway of its own with a limit of one scan a minute, counted under its own prefix.
+    stack = ExitStack()
+    limited = off_loop(
+        stack.enter_context,
+        own_stack(
+            settings,
+            run_dir,
+            "ui-limited",
+            rate_limit_per_minute=1,
+            redis_prefix=f"{settings.redis_prefix}ui-limited:",
+        ),
+    )
+    context = browser.new_context(base_url=base_url(limited), viewport=DESKTOP)
+    try:
+        page = context.new_page()
+        sign_in(page, api_key)
+        submit(page, "127.0.0.1", "1")
+        page.goto("/ui/")
+        page.locator("#target").fill("127.0.0.1")
+        statuses: list[int] = []
+        page.on("response", lambda response: statuses.append(response.status))
+        page.get_by_role("button", name="Start scan").click()
+        expect(page.locator("#form-error")).to_contain_text(re.compile(r"try again in \d+ seconds"))
+        assert 429 in statuses
+    finally:
+        context.close()
+        off_loop(stack.close)
