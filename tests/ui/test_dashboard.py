@@ -370,7 +370,7 @@ def test_a_revoked_key_ends_its_session(browser: Browser, api: str, database: st
         context.close()
 
 
-def test_a_rate_limited_submission_says_when_to_retry(
+def test_rate_limited_then_gateway_gone_each_say_what_to_do(
     browser: Browser,
     settings: Settings,
     run_dir: Path,
@@ -402,6 +402,13 @@ def test_a_rate_limited_submission_says_when_to_retry(
         page.get_by_role("button", name="Start scan").click()
         expect(page.locator("#form-error")).to_contain_text(re.compile(r"try again in \d+ seconds"))
         assert 429 in statuses
+
+        # The list refreshes itself while a scan is queued; with the gateway gone it says so.
+        page.goto("/ui/")
+        expect(page.locator("#scan-table[hx-trigger]")).to_have_count(1)
+        off_loop(stack.close)
+        expect(page.locator("#net-error")).to_be_visible(timeout=10_000)
+        expect(page.locator("#net-error")).to_contain_text("Cannot reach the API")
     finally:
         context.close()
         off_loop(stack.close)
