@@ -67,8 +67,9 @@ def create_app(settings: Settings) -> Starlette:
         store = ScanStore(pool)
         keys = KeyStore(pool)
         await register_env_keys(keys, settings)
-        ui_secret = settings.ui_secret or await stored_secret(pool)
-        app.state.ui_cookies = SessionCookies(ui_secret, settings.ui_session_seconds)
+        app.state.ui_cookies = SessionCookies(
+            await stored_secret(pool), settings.ui_session_seconds
+        )
         app.state.services = Services(
             settings=settings,
             store=store,

@@ -85,9 +85,6 @@ class Settings(BaseSettings):
     """Seconds the gateway and the worker wait for a hostname to resolve."""
 
     # Web dashboard (issue 18): the gateway's /ui pages and their session cookie.
-    ui_secret: str = Field(default="", repr=False)
-    """Key that signs the dashboard's session cookies. Empty: a random key made once and kept
-    in PostgreSQL, so every API replica signs with the same one."""
     ui_session_seconds: int = Field(default=28_800, ge=60)
     """How long a dashboard sign-in lasts."""
 

@@ -1,5 +1,5 @@
--- The key that signs the dashboard's session cookies when CYBERSEC_UI_SECRET is not set:
--- made by the first API process that needs it, then shared by every replica.
+-- The key that signs the dashboard's session cookies: made by the first API process that
+-- needs it, then shared by every replica.
 CREATE TABLE dashboard_secret (
     id         boolean PRIMARY KEY DEFAULT true CHECK (id),
     value      text NOT NULL,

@@ -1,4 +1,4 @@
-"""Without CYBERSEC_UI_SECRET, every API process signs dashboard cookies with one stored key."""
+"""Every API process signs dashboard cookies with one key, stored in PostgreSQL."""
 
 from __future__ import annotations
 
