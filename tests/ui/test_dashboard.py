@@ -338,6 +338,10 @@ def test_another_key_gets_a_404_page_and_the_session_is_locked_down(
             assert stranger.request.get(f"/ui/scans/{task}{suffix}").status == 404
         stranger.goto("/ui/")
         expect(stranger.locator(f'tr[data-task-id="{task}"]')).to_have_count(0)
+        token = stranger.locator("input[name=csrf]").first.input_value()
+        cancel = stranger.request.post(f"/ui/scans/{task}/cancel", form={"csrf": token})
+        assert cancel.status == 404
+        assert client.get(f"/api/scan/{task}").json()["state"] != "REVOKED"
     finally:
         other.close()
 
