@@ -7,12 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, ViewportSize, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from tests import needs
-
-PHONE: ViewportSize = {"width": 390, "height": 844}
-DESKTOP: ViewportSize = {"width": 1280, "height": 900}
+from tests.support.browser import DESKTOP, sign_in
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +30,6 @@ def context(browser: Browser, api: str) -> Iterator[BrowserContext]:
     context.set_default_timeout(15_000)
     yield context
     context.close()
-
-
-def sign_in(page: Page, key: str) -> None:
-    page.goto("/ui/")
-    page.get_by_label("API key").fill(key)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url("**/ui/")
 
 
 @pytest.fixture
