@@ -276,7 +276,20 @@ def test_a_revoked_key_ends_its_session(browser: Browser, api: str, database: st
     context = browser.new_context(base_url=api, viewport=DESKTOP)
     try:
         page = context.new_page()
-        sign_in(page, key)
+        # By keyboard alone: the key field has the focus, Enter signs in, Tab reaches the form.
+        page.goto("/ui/login")
+        page.keyboard.type(key)
+        page.keyboard.press("Enter")
+        page.wait_for_url("**/ui/")
+        focused = []
+        for _ in range(12):
+            page.keyboard.press("Tab")
+            focused.append(
+                page.evaluate(
+                    "document.activeElement.id || document.activeElement.textContent.trim()"
+                )
+            )
+        assert focused.index("target") < focused.index("ports") < focused.index("Start scan")
         (signed_in,) = context.cookies()
         off_loop(asyncio.run, keys("revoke", name))
         page.goto("/ui/targets")
