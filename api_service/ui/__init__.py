@@ -7,13 +7,19 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
+from api_service.errors import ApiError
 from api_service.ui import scan_page, scans, signin, targets
 from api_service.ui.headers import SecurityHeaders
-from api_service.ui.render import HERE
+from api_service.ui.render import HERE, page
 
 
 async def home(_request: Request) -> Response:
     return RedirectResponse("/ui/", status_code=307)
+
+
+async def no_such_page(request: Request) -> Response:
+    error = ApiError(404, f"there is no page {request.url.path}")
+    return page(request, "error.html", {"session": None, "error": error, "advice": ""}, 404)
 
 
 def ui_routes() -> list[BaseRoute]:
@@ -25,6 +31,7 @@ def ui_routes() -> list[BaseRoute]:
             *scan_page.routes,
             *targets.routes,
             Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
+            Route("/{path:path}", no_such_page, methods=["GET"]),
         ]
     )
     return [

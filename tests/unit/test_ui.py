@@ -133,6 +133,10 @@ async def test_static_files_ship_with_the_security_headers() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://ui.test") as client:
         home = await client.get("/")
         assert (home.status_code, home.headers["location"]) == (307, "/ui/")
+        missing = await client.get("/ui/no/such/page")
+        assert missing.status_code == 404
+        assert "text/html" in missing.headers["content-type"]
+        assert missing.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
         for path in ("app.js", "vendor/htmx.min.js", "vendor/sse.min.js", "vendor/uPlot.min.js"):
             response = await client.get(f"/ui/static/{path}")
             assert response.status_code == 200, path
