@@ -20,6 +20,8 @@ from api_service.metrics import ApiMetrics, MeteredPublisher, MetricsMiddleware
 from api_service.publisher import AmqpPublisher, TaskPublisher
 from api_service.routes import routes
 from api_service.status import StatusReader
+from api_service.ui import ui_routes
+from api_service.ui.session import SessionCookies, stored_secret
 from shared.keys import KeyStore
 from shared.policy import TargetPolicy
 from shared.settings import Settings
@@ -82,6 +84,9 @@ def create_app(settings: Settings) -> Starlette:
             total=settings.max_event_streams,
         )
         watcher = asyncio.create_task(streams.watch_forever(), name="event-stream-watcher")
+        app.state.ui_cookies = SessionCookies(
+            await stored_secret(pool), settings.ui_session_seconds
+        )
         app.state.services = Services(
             settings=settings,
             store=store,
@@ -116,7 +121,7 @@ def create_app(settings: Settings) -> Starlette:
             await pool.close()
 
     app = Starlette(
-        routes=routes,
+        routes=[*routes, *ui_routes()],
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],

@@ -180,6 +180,10 @@ class Settings(BaseSettings):
     def webhook_retry_delays(self) -> tuple[float, ...]:
         return tuple(float(part) for part in self.webhook_retry_schedule.split(","))
 
+    # Web dashboard (issue 18): the gateway's /ui pages and their session cookie.
+    ui_session_seconds: int = Field(default=28_800, ge=60)
+    """How long a dashboard sign-in lasts."""
+
     @field_validator("api_keys", "target_allow", "target_deny", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
