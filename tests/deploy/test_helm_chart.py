@@ -477,7 +477,13 @@ def test_ingress_with_class_and_tls() -> None:
     assert render_case("defaults").all("Ingress") == []
 
 
-PUBLIC_PATHS = [("/api", "Prefix"), ("/healthz", "Exact"), ("/readyz", "Exact")]
+PUBLIC_PATHS = [
+    ("/api", "Prefix"),
+    ("/healthz", "Exact"),
+    ("/readyz", "Exact"),
+    ("/ui", "Prefix"),
+    ("/", "Exact"),
+]
 
 
 @pytest.mark.parametrize(
@@ -587,3 +593,11 @@ def test_the_dispatcher_can_be_left_out() -> None:
         render({"dispatcher": {"enabled": False}}).maybe("Deployment", f"{FULLNAME}-dispatcher")
         is None
     )
+
+
+def test_the_dashboard_stays_private_when_asked() -> None:
+    ingress = {"enabled": True, "hosts": [{"host": "scan.example.com"}], "exposeUi": False}
+    rendered = render({"api": {"ingress": ingress}})
+    [rule] = rendered.get("Ingress", f"{FULLNAME}-api")["spec"]["rules"]
+    paths = [p["path"] for p in rule["http"]["paths"]]
+    assert paths == ["/api", "/healthz", "/readyz"]
