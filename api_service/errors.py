@@ -10,7 +10,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api_service.responses import ORJSONResponse
-from shared.errors import DatabaseUnavailable
 from shared.retry import DATABASE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -81,12 +80,15 @@ async def http_error_handler(_request: Request, exc: Exception) -> Response:
 RETRY_AFTER_SECONDS = "5"
 
 
-async def database_unavailable_handler(request: Request, exc: Exception) -> Response:
-    """The one 503 for "database unavailable", whether a handler raised DatabaseUnavailable
-    or a PostgreSQL error reached here on its own."""
-    if not isinstance(exc, DatabaseUnavailable):
-        log.warning("database unavailable on %s %s: %r", request.method, request.url.path, exc)
-    return error_response(503, "database unavailable", headers={"Retry-After": RETRY_AFTER_SECONDS})
+def db_unavailable() -> ApiError:
+    """The one answer to "database unavailable": 503, ``unavailable``, Retry-After."""
+    return ApiError(503, "database unavailable", headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+
+async def database_error_handler(request: Request, exc: Exception) -> Response:
+    """A PostgreSQL error no handler caught (``shared.retry.DATABASE_ERRORS``): the same 503."""
+    log.warning("database unavailable on %s %s: %r", request.method, request.url.path, exc)
+    return await api_error_handler(request, db_unavailable())
 
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
@@ -97,7 +99,6 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     ApiError: api_error_handler,
     HTTPException: http_error_handler,
-    DatabaseUnavailable: database_unavailable_handler,
-    **dict.fromkeys(DATABASE_ERRORS, database_unavailable_handler),
+    **dict.fromkeys(DATABASE_ERRORS, database_error_handler),
     Exception: unhandled_error_handler,
 }

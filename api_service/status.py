@@ -10,8 +10,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from api_service.errors import ApiError
-from shared.errors import DatabaseUnavailable
+from api_service.errors import ApiError, db_unavailable
 from shared.protocol import STORING
 from shared.redis_keys import owner_key, parse_owner_value, result_key
 from shared.retry import DATABASE_ERRORS
@@ -52,7 +51,7 @@ class StatusReader:
         try:
             row = await self.store.get_by_task(task_id, owner)
         except DATABASE_ERRORS as exc:
-            raise DatabaseUnavailable() from exc
+            raise db_unavailable() from exc
         if row is None:
             raise ApiError(404, f"no scan with task id {task_id}")
         return row
@@ -68,7 +67,7 @@ class StatusReader:
         return await self.for_row(row)
 
     async def _read_from_redis(self, task_id: UUID, owner: UUID) -> ScanStatus:
-        unavailable = DatabaseUnavailable()
+        unavailable = db_unavailable()
         try:
             raw = await self.redis.get(owner_key(self.redis_prefix, task_id))
         except (RedisError, OSError):

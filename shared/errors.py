@@ -31,11 +31,3 @@ class TransientError(CybersecError):
 
     code = "unavailable"
     retryable = True
-
-
-class DatabaseUnavailable(TransientError):
-    """PostgreSQL did not answer (``shared.retry.DATABASE_ERRORS``); the gateway's one handler
-    turns it into 503 with Retry-After."""
-
-    def __init__(self, message: str = "database unavailable") -> None:
-        super().__init__(message)

@@ -30,6 +30,11 @@ def rate_key(prefix: str, owner: UUID | str, window: int) -> str:
     return f"{_prefix(prefix)}rate:{owner}:{window}"
 
 
+def critical_key(prefix: str, owner: UUID | str, window: int) -> str:
+    """Counter of a key's critical-priority submissions in one minute window."""
+    return f"{_prefix(prefix)}critical:{owner}:{window}"
+
+
 def owner_key(prefix: str, task_id: UUID | str) -> str:
     """``owner_value`` of a task: lets status reads check ownership while PostgreSQL is
     unreachable."""

@@ -107,6 +107,25 @@ class ScanRow:
         return self.attempts - 1 - self.released
 
 
+@dataclass(frozen=True, slots=True)
+class ScanListing:
+    """A row of a key's list of scans: no config, no result, the open ports counted."""
+
+    id: UUID
+    task_id: UUID
+    target: str
+    ports: str
+    priority: Priority
+    state: ScanState
+    created_at: datetime
+    finished_at: datetime | None
+    error: str | None
+    open_port_count: int | None
+
+
+_LISTING_COLUMNS = ", ".join(ScanListing.__dataclass_fields__)
+
+
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
     await conn.set_type_codec(
         "jsonb",
@@ -294,8 +313,10 @@ class ScanStore:
         before: tuple[datetime, UUID] | None = None,
         state: ScanState | None = None,
         target: str | None = None,
-    ) -> list[ScanRow]:
-        """The owner's scans, newest first, strictly older than the ``before`` cursor."""
+        schedule_id: UUID | None = None,
+    ) -> list[ScanListing]:
+        """The owner's scans, newest first, strictly older than the ``before`` cursor; their
+        results are not read, only their stored open-port count."""
         conditions = ["api_key_id = $1"]
         args: list[Any] = [owner]
         if before is not None:
@@ -307,13 +328,17 @@ class ScanStore:
         if target is not None:
             args.append(target)
             conditions.append(f"target = ${len(args)}")
+        if schedule_id is not None:
+            args.append(schedule_id)
+            conditions.append(f"schedule_id = ${len(args)}")
         args.append(limit)
         records = await self.pool.fetch(
-            f"SELECT * FROM scans WHERE {' AND '.join(conditions)}"  # noqa: S608 - fixed fragments
+            f"SELECT {_LISTING_COLUMNS} FROM scans"  # noqa: S608 - fixed fragments
+            f" WHERE {' AND '.join(conditions)}"
             f" ORDER BY created_at DESC, id DESC LIMIT ${len(args)}",
             *args,
         )
-        return [ScanRow.from_record(r) for r in records]
+        return [ScanListing(**dict(r)) for r in records]
 
     async def latest_completed(
         self, owner: UUID, target: str, before: datetime, exclude: UUID
@@ -327,6 +352,15 @@ class ScanStore:
             exclude,
         )
         return ScanRow.from_record(record) if record is not None else None
+
+    async def ended_among(self, task_ids: Sequence[UUID]) -> set[UUID]:
+        """Which of these tasks' scans are over: one query for every open event stream."""
+        records = await self.pool.fetch(
+            "SELECT task_id FROM scans WHERE task_id = ANY($1::uuid[])"
+            " AND state IN ('completed', 'failed', 'revoked')",
+            list(task_ids),
+        )
+        return {record["task_id"] for record in records}
 
     async def request_cancel(self, task_id: UUID, owner: UUID) -> ScanRow | None:
         """Flag the scan for cancellation; a queued one is revoked at once, before any worker

@@ -240,9 +240,10 @@ async def _sweep(
 def _recheck_policy(runtime: Runtime, job: ScanTaskPayload, addresses: tuple[str, ...]) -> None:
     """The policy may have changed since the scan was split: check again before probing."""
     target = parse_target(job.target, max_hosts=runtime.settings.max_hosts)
-    name_allowed = target.kind == "hostname" and runtime.policy.check_hostname(target.value)
+    if target.kind == "hostname":
+        runtime.policy.check_hostname(target.value)
     for address in addresses:
-        runtime.policy.check_address(address, name_allowed=name_allowed)
+        runtime.policy.check_address(address)
 
 
 async def deliver_merge(

@@ -10,14 +10,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api_service.errors import EXCEPTION_HANDLERS
-from shared.errors import DatabaseUnavailable
+from api_service.errors import EXCEPTION_HANDLERS, db_unavailable
 
 
 @pytest.mark.parametrize(
     "error",
     [
-        DatabaseUnavailable(),
+        db_unavailable(),
         asyncpg.CannotConnectNowError("starting up"),
         asyncpg.InterfaceError("pool is closing"),
         ConnectionRefusedError("refused"),

@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from shared.errors import DatabaseUnavailable, TargetDenied
+from shared.errors import TargetDenied, TransientError
 from shared.retry import Deadline, RetryPolicy, backoff, is_transient, retry
 
 FAST = RetryPolicy(base=0.001, cap=0.002)
@@ -19,7 +19,7 @@ def test_what_is_transient() -> None:
     assert is_transient(asyncpg.CannotConnectNowError())
     assert not is_transient(asyncpg.UndefinedTableError())
     assert not is_transient(ValueError())
-    assert is_transient(DatabaseUnavailable())
+    assert is_transient(TransientError())
     assert not is_transient(TargetDenied("no"))
 
 
