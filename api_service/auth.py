@@ -7,9 +7,9 @@ from uuid import UUID
 
 from starlette.requests import Request
 
-from api_service.errors import ApiError
-from api_service.status import DB_ERRORS
+from api_service.errors import ApiError, db_unavailable
 from shared.keys import KeyStore, hash_key
+from shared.retry import DATABASE_ERRORS
 
 CACHE_SECONDS = 5.0
 """How long a key stays valid in one process after it was revoked."""
@@ -34,7 +34,7 @@ class Authenticator:
             return cached[0]
         try:
             key_id = await self.keys.lookup(key)
-        except DB_ERRORS as exc:
+        except DATABASE_ERRORS as exc:
             # While PostgreSQL is away, a key seen valid shortly before still reads its scans
             # from Redis; an unknown one, or one not checked for too long, cannot be.
             checked_at = cached[1] - CACHE_SECONDS if cached is not None else None
@@ -45,7 +45,7 @@ class Authenticator:
                 and now - checked_at <= self.stale_seconds
             ):
                 return cached[0]
-            raise ApiError(503, "database unavailable", headers={"Retry-After": "5"}) from exc
+            raise db_unavailable() from exc
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[digest] = (key_id, now + CACHE_SECONDS)

@@ -21,13 +21,13 @@ from typing import Any
 import asyncpg
 
 from api_service.publisher import AmqpPublisher, PublishFailed, TaskPublisher
-from api_service.status import DB_ERRORS
 from api_service.webhook_sender import WebhookSender
 from shared.errors import ResolutionFailed, TargetDenied
 from shared.logging import configure_logging
 from shared.policy import TargetPolicy
 from shared.protocol import TaskMessage
 from shared.resolve import resolve_target
+from shared.retry import DATABASE_ERRORS as DB_ERRORS
 from shared.schedule_store import FiredRun, ScheduleStore
 from shared.schedules import Schedule, ScheduleCreate
 from shared.settings import Settings, load_settings

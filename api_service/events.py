@@ -21,8 +21,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from api_service.errors import ApiError
-from api_service.status import DB_ERRORS
 from shared.redis_keys import events_key
+from shared.retry import DATABASE_ERRORS as DB_ERRORS
 from shared.scan_events import STREAM_MAXLEN, encode_event
 from shared.schemas import ScanStatus
 from shared.store import ScanStore

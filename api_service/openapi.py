@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
 from api_service import openapi_monitoring
 from shared.diff import ScanDiff
-from shared.schemas import ScanAccepted, ScanCached, ScanPage, ScanRequest, ScanStatus
+from shared.schemas import (
+    ScanAccepted,
+    ScanCached,
+    ScanPage,
+    ScanRequest,
+    ScanState,
+    ScanStatus,
+)
 
 VERSION = "0.1.0"
 
@@ -138,7 +145,7 @@ def build_openapi() -> dict[str, Any]:
                             "in": "query",
                             "schema": {
                                 "type": "string",
-                                "enum": ["queued", "running", "completed", "failed", "revoked"],
+                                "enum": list(get_args(ScanState)),
                             },
                         },
                         {"name": "target", "in": "query", "schema": {"type": "string"}},

@@ -54,8 +54,3 @@ def parse_owner_value(value: str) -> tuple[str, UUID]:
 def shards_key(prefix: str, task_id: UUID | str) -> str:
     """Hash of a sharded scan's per-shard progress, summed into its one progress."""
     return f"{_prefix(prefix)}shards:{task_id}"
-
-
-def chord_key(prefix: str, task_id: UUID | str) -> str:
-    """Set once a scan's shards were dispatched, so a redelivery does not dispatch them again."""
-    return f"{_prefix(prefix)}chord:{task_id}"

@@ -13,7 +13,8 @@ from shared.targets import MAX_HOSTS_LIMIT, parse_target
 
 Priority = Literal["low", "normal", "high", "critical"]
 PortState = Literal["open", "closed", "filtered"]
-ScanState = Literal["queued", "running", "completed", "failed", "revoked"]
+EndedScanState = Literal["completed", "failed", "revoked"]
+ScanState = Literal["queued", "running", EndedScanState]
 TaskState = Literal["PENDING", "STARTED", "PROGRESS", "SUCCESS", "FAILURE", "RETRY", "REVOKED"]
 
 PAYLOAD_VERSION: Literal[1] = 1

@@ -116,6 +116,13 @@ class Settings(BaseSettings):
     config) instead of a new scan; 0 disables the cache, ``force: true`` bypasses it."""
     resolve_timeout: float = Field(default=3.0, gt=0)
     """Seconds the gateway and the worker wait for a hostname to resolve."""
+    # Scan lifecycle on the worker (issue 14): sharded scans joined in PostgreSQL, the reaper.
+    merge_time_limit: int = Field(default=120, ge=1)
+    """Soft time limit (s) of a sharded scan's merge, which identifies services on the open
+    ports the shards found; the hard limit is 30 s more. Past it the scan fails."""
+    reap_interval: float = Field(default=60.0, gt=0)
+    """Seconds between two passes of a worker's reaper, which fails scans left 'running' past
+    their hard time limit plus the retry budget and frees their key's slot."""
 
     # --- hardening (issue 16): bounds an attacker with a valid key cannot switch off ---
     max_event_streams_per_key: int = Field(default=8, ge=1)

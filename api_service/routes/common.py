@@ -8,6 +8,7 @@ from uuid import UUID
 from starlette.requests import Request
 
 from api_service.errors import ApiError
+from api_service.errors import db_unavailable as db_unavailable  # where handlers find it
 from shared.logging import bind_scan
 
 if TYPE_CHECKING:
@@ -39,7 +40,3 @@ def task_id_param(request: Request) -> UUID:
         raise ApiError(404, f"no scan with task id {raw}") from None
     bind_scan(task_id=task_id)
     return task_id
-
-
-def db_unavailable() -> ApiError:
-    return ApiError(503, "database unavailable", headers={"Retry-After": "5"})

@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import logging
 from datetime import UTC, datetime
+from typing import get_args
 from uuid import UUID, uuid4
 
 from starlette.requests import Request
@@ -23,16 +24,17 @@ from api_service.routes.common import (
     services,
     task_id_param,
 )
-from api_service.status import DB_ERRORS
 from shared.errors import ResolutionFailed, TargetDenied
 from shared.logging import bind_scan
 from shared.protocol import build_scan_message, time_limits
 from shared.resolve import resolve_target
+from shared.retry import DATABASE_ERRORS as DB_ERRORS
 from shared.schemas import (
     ScanAccepted,
     ScanCached,
     ScanPage,
     ScanRequest,
+    ScanState,
     ScanStatus,
     ScanSummary,
     ScanTaskPayload,
@@ -43,7 +45,7 @@ from shared.targets import MAX_HOSTS_LIMIT, TargetError, parse_target
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 255
-SCAN_STATES = ("queued", "running", "completed", "failed", "revoked")
+SCAN_STATES = get_args(ScanState)
 
 
 def accepted_response(

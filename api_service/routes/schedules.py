@@ -16,8 +16,8 @@ from api_service.publisher import PublishFailed
 from api_service.requests import ParsedScan, read_json, validate_model, validation_error
 from api_service.responses import ORJSONResponse
 from api_service.routes.common import caller, db_unavailable, services
-from api_service.status import DB_ERRORS
 from shared.protocol import TaskMessage
+from shared.retry import DATABASE_ERRORS as DB_ERRORS
 from shared.schedule_store import ScheduleStore
 from shared.schedules import Schedule, ScheduleCreate, ScheduleList, ScheduleRun, ScheduleUpdate
 from shared.schemas import ScanRequest

@@ -12,7 +12,7 @@ from api_service.errors import ApiError
 from api_service.requests import read_json, validate_model
 from api_service.responses import ORJSONResponse
 from api_service.routes.common import caller, db_unavailable, services
-from api_service.status import DB_ERRORS
+from shared.retry import DATABASE_ERRORS as DB_ERRORS
 from shared.schedule_store import ScheduleStore
 from shared.webhook_store import WebhookStore
 from shared.webhooks import (

@@ -13,9 +13,9 @@ from starlette.routing import Route
 
 from api_service.errors import ApiError
 from api_service.routes.common import db_unavailable, services
-from api_service.status import DB_ERRORS
 from api_service.ui.render import error_page, page
 from api_service.ui.session import Session, SessionCookies
+from shared.retry import DATABASE_ERRORS as DB_ERRORS
 
 LOGIN_PATH = "/ui/login"
 HOME_PATH = "/ui/"
