@@ -220,6 +220,8 @@ async def deliver_scan(
         # Cancelled while it was running nowhere: its worker was lost, or it waited out a
         # retry's countdown. Nothing is probed now.
         return Cancelled(not_started(job)), row
+    if row.api_key_id is not None:
+        events.hold_slot(row.api_key_id, reap)
     if row.shards_total is not None:  # redelivered after its shards were recorded
         addresses = list(row.addresses)
         return await _shard(store, delivery, job, addresses, [], settings, row.shards_total), row

@@ -26,7 +26,7 @@ from api_service.routes.common import (
 )
 from shared.errors import ResolutionFailed, TargetDenied
 from shared.logging import bind_scan
-from shared.protocol import build_scan_message, time_limits
+from shared.protocol import build_scan_message
 from shared.resolve import resolve_target
 from shared.retry import DATABASE_ERRORS as DB_ERRORS
 from shared.schemas import (
@@ -131,14 +131,13 @@ async def submit_scan(request: Request) -> Response:
         config=scan.config,
         priority=scan.priority,
     )
-    hard_limit, _soft = time_limits(
-        payload, parsed.port_count, parsed.hosts, cap=svc.settings.max_scan_seconds
-    )
     if scan.priority == "critical":
         await svc.limiter.admit_critical(owner)
     # Admitted (and counted) before the lookup: a host name costs a resolution, so it costs
     # the key a submission whether or not it is then refused.
-    await svc.limiter.admit(owner, task_id, scan_id, hard_limit)
+    # The slot lives while the scan is queued (up to result_ttl); its worker counts the hard
+    # limit from the scan's start (EventLog.hold_slot), so a long queue never frees it early.
+    await svc.limiter.admit(owner, task_id, scan_id, svc.settings.result_ttl)
     try:
         await resolve_target(
             parsed.target,
