@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run migrate test test-fast lint bench chart-test clean
+.PHONY: install run migrate test test-fast lint bench chart-test screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: install
 
 chart-test: install
 	$(PY) -m pytest tests/deploy
+
+# The README's dashboard pictures, taken by the browser tests against a real gateway and worker.
+screenshots: install
+	UI_SCREENSHOTS_DIR=docs/screenshots $(PY) -m pytest tests/ui -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

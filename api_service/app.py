@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -13,12 +14,14 @@ from starlette.middleware import Middleware
 
 from api_service.auth import Authenticator
 from api_service.errors import EXCEPTION_HANDLERS
-from api_service.events import EventWriter
+from api_service.events import EventStreams, EventWriter
 from api_service.limits import Limiter
 from api_service.metrics import ApiMetrics, MeteredPublisher, MetricsMiddleware
 from api_service.publisher import AmqpPublisher, TaskPublisher
 from api_service.routes import routes
 from api_service.status import StatusReader
+from api_service.ui import ui_routes
+from api_service.ui.session import SessionCookies, stored_secret
 from shared.keys import KeyStore
 from shared.policy import TargetPolicy
 from shared.settings import Settings
@@ -41,6 +44,8 @@ class Services:
     limiter: Limiter
     policy: TargetPolicy
     events: EventWriter
+    streams: EventStreams
+    lookups: asyncio.Semaphore
 
 
 async def register_env_keys(keys: KeyStore, settings: Settings) -> None:
@@ -60,16 +65,33 @@ def create_app(settings: Settings) -> Starlette:
         redis = aioredis.Redis.from_url(
             settings.redis_url, socket_timeout=3.0, socket_connect_timeout=1.0
         )
+        # Event streams block on XREAD: their own pool, so they never hold the limiter's.
+        stream_redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=3.0,
+            socket_connect_timeout=1.0,
+            max_connections=settings.max_event_streams + 4,
+        )
         publisher = AmqpPublisher(settings)
         await publisher.start()
         store = ScanStore(pool)
         keys = KeyStore(pool)
         await register_env_keys(keys, settings)
+        streams = EventStreams(
+            stream_redis,
+            store,
+            per_key=settings.max_event_streams_per_key,
+            total=settings.max_event_streams,
+        )
+        watcher = asyncio.create_task(streams.watch_forever(), name="event-stream-watcher")
+        app.state.ui_cookies = SessionCookies(
+            await stored_secret(pool), settings.ui_session_seconds
+        )
         app.state.services = Services(
             settings=settings,
             store=store,
             keys=keys,
-            auth=Authenticator(keys),
+            auth=Authenticator(keys, stale_seconds=settings.auth_stale_seconds),
             redis=redis,
             publisher=MeteredPublisher(publisher, metrics),
             status=StatusReader(store, redis, settings.redis_prefix),
@@ -79,20 +101,27 @@ def create_app(settings: Settings) -> Starlette:
                 settings.rate_limit_per_minute,
                 settings.max_active_scans,
                 owner_ttl=settings.result_ttl,
+                critical_per_minute=settings.critical_per_minute,
             ),
             policy=TargetPolicy(settings.target_allow, settings.target_deny),
             events=EventWriter(redis, settings.redis_prefix, settings.result_ttl),
+            streams=streams,
+            lookups=asyncio.Semaphore(settings.max_concurrent_lookups),
         )
         try:
             yield
         finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             await publisher.close()
+            await stream_redis.aclose()
             await redis.aclose()
             await store.close()
             await pool.close()
 
     app = Starlette(
-        routes=routes,
+        routes=[*routes, *ui_routes()],
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],

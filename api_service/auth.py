@@ -7,9 +7,9 @@ from uuid import UUID
 
 from starlette.requests import Request
 
-from api_service.errors import ApiError
-from api_service.status import DB_ERRORS
+from api_service.errors import ApiError, db_unavailable
 from shared.keys import KeyStore, hash_key
+from shared.retry import DATABASE_ERRORS
 
 CACHE_SECONDS = 5.0
 """How long a key stays valid in one process after it was revoked."""
@@ -18,8 +18,11 @@ _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="cybersec-scan"'}
 
 
 class Authenticator:
-    def __init__(self, keys: KeyStore) -> None:
+    def __init__(self, keys: KeyStore, *, stale_seconds: float = 60.0) -> None:
+        """``stale_seconds``: how long after its last successful check a key is still
+        honoured while PostgreSQL is away (a revocation made meanwhile cannot be seen)."""
         self.keys = keys
+        self.stale_seconds = stale_seconds
         self._cache: dict[bytes, tuple[UUID | None, float]] = {}
 
     async def key_id(self, key: str) -> UUID | None:
@@ -31,12 +34,18 @@ class Authenticator:
             return cached[0]
         try:
             key_id = await self.keys.lookup(key)
-        except DB_ERRORS as exc:
-            # While PostgreSQL is away, a key seen valid before still reads its scans from
-            # Redis; an unknown one cannot be checked.
-            if cached is not None and cached[0] is not None:
+        except DATABASE_ERRORS as exc:
+            # While PostgreSQL is away, a key seen valid shortly before still reads its scans
+            # from Redis; an unknown one, or one not checked for too long, cannot be.
+            checked_at = cached[1] - CACHE_SECONDS if cached is not None else None
+            if (
+                cached is not None
+                and cached[0] is not None
+                and checked_at is not None
+                and now - checked_at <= self.stale_seconds
+            ):
                 return cached[0]
-            raise ApiError(503, "database unavailable", headers={"Retry-After": "5"}) from exc
+            raise db_unavailable() from exc
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[digest] = (key_id, now + CACHE_SECONDS)

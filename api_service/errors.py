@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api_service.responses import ORJSONResponse
+from shared.retry import DATABASE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,20 @@ async def http_error_handler(_request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, str(exc.detail), headers=headers)
 
 
+RETRY_AFTER_SECONDS = "5"
+
+
+def db_unavailable() -> ApiError:
+    """The one answer to "database unavailable": 503, ``unavailable``, Retry-After."""
+    return ApiError(503, "database unavailable", headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+
+async def database_error_handler(request: Request, exc: Exception) -> Response:
+    """A PostgreSQL error no handler caught (``shared.retry.DATABASE_ERRORS``): the same 503."""
+    log.warning("database unavailable on %s %s: %r", request.method, request.url.path, exc)
+    return await api_error_handler(request, db_unavailable())
+
+
 async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal error")
@@ -84,5 +99,6 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     ApiError: api_error_handler,
     HTTPException: http_error_handler,
+    **dict.fromkeys(DATABASE_ERRORS, database_error_handler),
     Exception: unhandled_error_handler,
 }

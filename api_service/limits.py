@@ -15,11 +15,11 @@ from typing import Any
 from uuid import UUID
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError
 
 from api_service.errors import ApiError
 from shared.batching import Batcher
-from shared.redis_keys import active_key, owner_key, owner_value, rate_key
+from shared.redis_keys import active_key, critical_key, owner_key, owner_value, rate_key
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,12 @@ class Limiter:
         per_minute: int,
         max_active: int,
         owner_ttl: int = 86_400,
+        critical_per_minute: int | None = None,
     ) -> None:
+        """``critical_per_minute``: the key's share of the critical level, in submissions a
+        minute (None: no share of its own, only the rate)."""
         self.redis = redis
+        self.critical_per_minute = critical_per_minute
         self.prefix = prefix
         self.per_minute = per_minute
         self.max_active = max_active
@@ -94,7 +98,8 @@ class Limiter:
         """Count a submission and record its owner; raise 429 when the key is over either limit.
 
         When Redis is unreachable submissions are admitted (and logged): a result-backend
-        outage must not stop scanning, and PostgreSQL still records every scan.
+        outage must not stop scanning, and PostgreSQL still records every scan. A pool with
+        no connection left is not an outage, it is load: that is a 503, never an admission.
         """
         now = time.time()
         window = int(now // 60)
@@ -114,6 +119,8 @@ class Limiter:
                     ],
                 )
             )
+        except MaxConnectionsError:
+            raise _busy() from None
         except (RedisError, OSError) as exc:
             log.warning("rate limiter unavailable, admitting: %r", exc)
             return
@@ -130,8 +137,56 @@ class Limiter:
                 headers={"Retry-After": "5"},
             )
 
+    async def admit_critical(self, owner: UUID) -> None:
+        """Count a critical submission against the key's share of the critical level; 429
+        over it. A key's critical scans jump every queue, so it gets only a share of them."""
+        if self.critical_per_minute is None:
+            return
+        count, ttl = await self._count(critical_key(self.prefix, owner, int(time.time() // 60)))
+        if count > self.critical_per_minute:
+            raise ApiError(
+                429,
+                f"over {self.critical_per_minute} critical-priority submissions per minute;"
+                " send it with a lower priority",
+                field="priority",
+                headers={"Retry-After": str(max(1, ttl))},
+            )
+
+    async def _count(self, key: str) -> tuple[int, int]:
+        """INCR a per-minute counter; (count, seconds left). (0, 0) while Redis is away."""
+        now = time.time()
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.incr(key)
+                pipe.expire(key, 61 - int(now % 60), nx=True)
+                pipe.ttl(key)
+                count, _set, ttl = await pipe.execute()
+        except MaxConnectionsError:
+            raise _busy() from None
+        except (RedisError, OSError) as exc:
+            log.warning("rate limiter unavailable, not counting: %r", exc)
+            return 0, 0
+        return int(count), int(ttl)
+
+    async def charge(self, owner: UUID) -> None:
+        """Count a refused submission against the key's rate: 429 once it is over.
+
+        A request that fails validation or the target policy costs the gateway work too, so
+        it is counted like an admitted one (only its active-scan slot is not taken)."""
+        count, ttl = await self._count(rate_key(self.prefix, owner, int(time.time() // 60)))
+        if count > self.per_minute:
+            raise ApiError(
+                429,
+                f"over {self.per_minute} scan submissions per minute",
+                headers={"Retry-After": str(max(1, int(ttl)))},
+            )
+
     async def release(self, owner: UUID, task_id: UUID) -> None:
         try:
             await self.redis.zrem(active_key(self.prefix, owner), str(task_id))
         except (RedisError, OSError) as exc:
             log.warning("could not release active slot of %s: %r", task_id, exc)
+
+
+def _busy() -> ApiError:
+    return ApiError(503, "too busy to check the limits; retry", headers={"Retry-After": "1"})

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
+from api_service import openapi_monitoring
 from shared.diff import ScanDiff
-from shared.schemas import ScanAccepted, ScanCached, ScanPage, ScanRequest, ScanStatus
+from shared.schemas import (
+    ScanAccepted,
+    ScanCached,
+    ScanPage,
+    ScanRequest,
+    ScanState,
+    ScanStatus,
+)
 
 VERSION = "0.1.0"
 
@@ -35,7 +43,7 @@ _DESCRIPTIONS = {
     415: "Body is not application/json",
     422: "Request violates the schema or a bound",
     429: "Over a per-key limit; see Retry-After",
-    503: "Broker or database unavailable; see Retry-After",
+    503: "Broker, database or limiter unavailable; see Retry-After",
 }
 
 
@@ -70,6 +78,7 @@ def build_openapi() -> dict[str, Any]:
             (ScanPage, "serialization"),
             (ScanDiff, "serialization"),
             (Error, "serialization"),
+            *openapi_monitoring.MODELS,
         ],
         ref_template="#/components/schemas/{model}",
     )
@@ -136,10 +145,15 @@ def build_openapi() -> dict[str, Any]:
                             "in": "query",
                             "schema": {
                                 "type": "string",
-                                "enum": ["queued", "running", "completed", "failed", "revoked"],
+                                "enum": list(get_args(ScanState)),
                             },
                         },
                         {"name": "target", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "schedule_id",
+                            "in": "query",
+                            "schema": {"type": "string", "format": "uuid"},
+                        },
                     ],
                     "responses": {
                         "200": _json(ScanPage, "One page of scans"),
@@ -179,7 +193,7 @@ def build_openapi() -> dict[str, Any]:
                             "description": "`progress`, `port` and a final `end` event",
                             "content": {"text/event-stream": {"schema": {"type": "string"}}},
                         },
-                        **_errors(401, 404, 422, 503),
+                        **_errors(401, 404, 422, 429, 503),
                     },
                 },
             },
@@ -230,6 +244,7 @@ def build_openapi() -> dict[str, Any]:
                     },
                 },
             },
+            **openapi_monitoring.paths(_json, _errors, _ref, _SECURITY),
             "/healthz": {
                 "get": {
                     "summary": "Liveness",

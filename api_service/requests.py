@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
 from api_service.errors import ApiError
-from shared.ports import PortSpecError, parse_port_spec
+from shared.ports import PortSpecError, count_ports, parse_port_ranges
 from shared.schemas import ScanRequest
 from shared.settings import Settings
 from shared.targets import Target, TargetError, network_hosts, parse_target
@@ -66,17 +66,18 @@ class ParsedScan:
     def __init__(self, scan: ScanRequest, settings: Settings) -> None:
         self.scan = scan
         try:
-            self.ports = parse_port_spec(scan.ports)
+            # Already canonical (the schema merged its ranges): counted, never expanded.
+            self.port_count = count_ports(parse_port_ranges(scan.ports))
         except PortSpecError as exc:
             raise ApiError(422, str(exc), field="ports") from None
         try:
             self.target: Target = parse_target(scan.target, max_hosts=settings.max_hosts)
         except TargetError as exc:
             raise ApiError(422, str(exc), field="target") from None
-        if len(self.ports) > settings.max_ports:
+        if self.port_count > settings.max_ports:
             raise ApiError(
                 422,
-                f"{len(self.ports)} ports requested; the bound is {settings.max_ports}",
+                f"{self.port_count} ports requested; the bound is {settings.max_ports}",
                 field="ports",
             )
         if scan.config.max_concurrent > settings.max_concurrency:

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, get_args
 from uuid import UUID
 
-import asyncpg
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from api_service.errors import ApiError
+from api_service.errors import ApiError, db_unavailable
 from shared.protocol import STORING
 from shared.redis_keys import owner_key, parse_owner_value, result_key
-from shared.schemas import ScanResult, ScanStatus
+from shared.retry import DATABASE_ERRORS
+from shared.schemas import EndedScanState, ScanResult, ScanStatus, TaskState
 from shared.store import ScanRow, ScanStore
 
 log = logging.getLogger(__name__)
 
-DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 _ROW_STATES = {
     "queued": ("PENDING", "Waiting for a worker"),
@@ -51,8 +50,8 @@ class StatusReader:
         """The owner's scan; another key's scan is a 404 like a missing one."""
         try:
             row = await self.store.get_by_task(task_id, owner)
-        except DB_ERRORS as exc:
-            raise ApiError(503, "database unavailable", headers={"Retry-After": "5"}) from exc
+        except DATABASE_ERRORS as exc:
+            raise db_unavailable() from exc
         if row is None:
             raise ApiError(404, f"no scan with task id {task_id}")
         return row
@@ -60,7 +59,7 @@ class StatusReader:
     async def read(self, task_id: UUID, owner: UUID) -> ScanStatus:
         try:
             row = await self.store.get_by_task(task_id, owner)
-        except DB_ERRORS as exc:
+        except DATABASE_ERRORS as exc:
             log.warning("database unreachable, answering %s from Redis: %r", task_id, exc)
             return await self._read_from_redis(task_id, owner)
         if row is None:
@@ -68,7 +67,7 @@ class StatusReader:
         return await self.for_row(row)
 
     async def _read_from_redis(self, task_id: UUID, owner: UUID) -> ScanStatus:
-        unavailable = ApiError(503, "database unavailable", headers={"Retry-After": "5"})
+        unavailable = db_unavailable()
         try:
             raw = await self.redis.get(owner_key(self.redis_prefix, task_id))
         except (RedisError, OSError):
@@ -88,7 +87,7 @@ class StatusReader:
         return status
 
     async def for_row(self, row: ScanRow) -> ScanStatus:
-        if row.state in ("completed", "failed", "revoked"):
+        if row.state in _ENDED:
             return from_row(row)
         meta = await self._meta(row.task_id)
         status = from_row(row)
@@ -138,7 +137,8 @@ def apply_meta(status: ScanStatus, meta: dict[str, Any]) -> None:
         status.status = "Retrying after a transient failure"
 
 
-_TASK_STATES = {"PENDING", "STARTED", "PROGRESS", "SUCCESS", "FAILURE", "RETRY", "REVOKED"}
+_TASK_STATES = frozenset(get_args(TaskState))
+_ENDED = frozenset(get_args(EndedScanState))
 
 
 def _exception_text(payload: Any) -> str:

@@ -65,10 +65,15 @@ def run_dev(settings: Settings, console: Console, api_key: str) -> int:
             ],
             env=env,
         ),
+        # Schedules and webhooks (issue 17).
+        subprocess.Popen(
+            [sys.executable, "-m", "api_service.dispatcher"], env=env, start_new_session=True
+        ),
     ]
     base = f"http://{settings.api_host}:{settings.api_port}"
     console.print(
-        f"API on {base}, one worker on queue {settings.scan_queue}. Ctrl-C stops both.\n"
+        f"API on {base}, one worker on queue {settings.scan_queue}, one dispatcher."
+        " Ctrl-C stops them.\n"
         f"Development API key: [bold]{api_key}[/bold]\nTry:\n"
         f"  curl -s -X POST {base}/api/scan -H 'authorization: Bearer {api_key}' "
         '-H \'content-type: application/json\' -d \'{"target":"127.0.0.1","ports":"1-1000"}\'',
@@ -105,10 +110,12 @@ def dev_environment() -> str:
     """Development defaults for settings the user did not set; returns the API key to use.
 
     The key is made once and kept in ``.run/dev-api-key`` (git ignores ``.run/``), so
-    restarts keep working with the same key. Scans of 127.0.0.0/8 and ::1 are allowed.
+    restarts keep working with the same key. Scans of 127.0.0.0/8 and ::1 are allowed, and
+    webhooks to receivers there.
     """
     os.environ.setdefault(f"{ENV_PREFIX}TARGET_ALLOW", "127.0.0.0/8,::1")
     os.environ.setdefault(f"{ENV_PREFIX}LOG_FORMAT", "text")
+    os.environ.setdefault(f"{ENV_PREFIX}WEBHOOK_ALLOW_NETWORKS", "127.0.0.0/8,::1")
     configured = os.environ.get(f"{ENV_PREFIX}API_KEYS", "").strip()
     if configured:
         return configured.split(",")[0].strip()

@@ -11,9 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from cybersec_cli import client
+from cybersec_cli.schedules import schedule_app, webhook_app
 from shared.keys import KeyStore
 from shared.migrate import migrate as apply_migrations
-from shared.settings import load_settings
+from shared.settings import load_settings, redact_url
 from shared.store import create_pool
 
 T = TypeVar("T")
@@ -34,7 +35,9 @@ def migrate() -> None:
     try:
         applied = asyncio.run(apply_migrations(settings.database_url))
     except OSError as exc:
-        console.print(f"[red]PostgreSQL unreachable at {settings.database_url}: {exc}[/red]")
+        console.print(
+            f"[red]PostgreSQL unreachable at {redact_url(settings.database_url)}: {exc}[/red]"
+        )
         raise typer.Exit(2) from None
     if applied:
         console.print(f"applied: {', '.join(applied)}")
@@ -43,6 +46,8 @@ def migrate() -> None:
 
 
 app.add_typer(client.app)  # scan, status, list, cancel, result, diff
+app.add_typer(schedule_app, name="schedule")
+app.add_typer(webhook_app, name="webhook")
 
 keys_app = typer.Typer(help="API keys: shown once at creation, stored only as hashes.")
 app.add_typer(keys_app, name="keys")
@@ -61,7 +66,9 @@ def with_keys(action: Callable[[KeyStore], Awaitable[T]]) -> T:
     try:
         return asyncio.run(run())
     except OSError as exc:
-        console.print(f"[red]PostgreSQL unreachable at {settings.database_url}: {exc}[/red]")
+        console.print(
+            f"[red]PostgreSQL unreachable at {redact_url(settings.database_url)}: {exc}[/red]"
+        )
         raise typer.Exit(2) from None
 
 

@@ -50,6 +50,9 @@ XML_OUTPUT_VERSION: Final = "1.05"
 _XML_INVALID: Final = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 # Cells a spreadsheet would evaluate as a formula (OWASP "CSV injection").
 _FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
+# A formula after a separator: a spreadsheet that splits on ";" or tabs (many locales) sees
+# "x;=HYPERLINK(..)" as two cells, the second a formula. Neutralised wherever it starts.
+_FORMULA_AFTER_SEPARATOR: Final = re.compile(r"([,;\t|\r\n][ ]*)([=+\-@])")
 
 
 def render(result: ScanResult, fmt: ExportFormat) -> bytes:
@@ -69,12 +72,13 @@ def to_json(result: ScanResult) -> bytes:
 def to_csv(result: ScanResult) -> bytes:
     """One row per open port under the header ``address,port,state,...,banner``.
 
-    Cells that start like a spreadsheet formula get a leading ``'``, so a hostile banner opened
-    in a spreadsheet stays text.
+    Every cell is quoted, and a formula is neutralised with a ``'`` wherever a spreadsheet could
+    start one: at the start of a cell and after any separator inside it, so a hostile banner
+    stays text whichever separator the spreadsheet's locale splits on.
     """
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerow(CSV_COLUMNS)
+    buffer.write(",".join(CSV_COLUMNS) + "\r\n")  # our own names: nothing to quote
+    writer = csv.writer(buffer, lineterminator="\r\n", quoting=csv.QUOTE_ALL)
     for address, port in _open_ports(result):
         writer.writerow(
             [
@@ -283,6 +287,7 @@ def _xml_text(text: str) -> str:
 def _csv_text(text: str | None) -> str:
     if text is None:
         return ""
+    text = _FORMULA_AFTER_SEPARATOR.sub(r"\1'\2", text)
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 

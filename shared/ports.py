@@ -24,28 +24,53 @@ class PortSpecError(ValueError):
     """A port specification that cannot be parsed or lies outside 1-65535."""
 
 
-def parse_port_spec(spec: str) -> list[int]:
-    """Parse ``"22,80,1000-2000"`` into a sorted list of distinct ports."""
+def parse_port_ranges(spec: str) -> list[tuple[int, int]]:
+    """Parse ``"22,80,1000-2000"`` into sorted, merged, inclusive ``(low, high)`` ranges.
+
+    Work is proportional to the spec's length, never to the ports its ranges cover: a spec
+    that repeats ``1-65535`` five hundred times is five hundred ranges merged into one."""
     if not spec or not spec.strip():
         raise PortSpecError("port spec is empty")
-    ports: set[int] = set()
+    ranges: list[tuple[int, int]] = []
     for raw in spec.split(","):
         part = raw.strip()
         if not part:
-            raise PortSpecError(f"empty item in port spec {spec!r}")
+            raise PortSpecError(f"empty item in port spec {_shown(spec)}")
         low_text, sep, high_text = part.partition("-")
         low = _port(low_text, spec)
         high = _port(high_text, spec) if sep else low
         if low > high:
-            raise PortSpecError(f"range {part!r} runs backwards")
-        ports.update(range(low, high + 1))
-    return sorted(ports)
+            raise PortSpecError(f"range {_shown(part)} runs backwards")
+        ranges.append((low, high))
+    ranges.sort()
+    merged = [ranges[0]]
+    for low, high in ranges[1:]:
+        last_low, last_high = merged[-1]
+        if low <= last_high + 1:
+            merged[-1] = (last_low, max(last_high, high))
+        else:
+            merged.append((low, high))
+    return merged
+
+
+def count_ports(ranges: Iterable[tuple[int, int]]) -> int:
+    return sum(high - low + 1 for low, high in ranges)
+
+
+def parse_port_spec(spec: str) -> list[int]:
+    """Parse ``"22,80,1000-2000"`` into a sorted list of distinct ports."""
+    return [port for low, high in parse_port_ranges(spec) for port in range(low, high + 1)]
+
+
+def _shown(text: str) -> str:
+    """Text quoted in an error, cut short: a 4 KB spec is not echoed back whole."""
+    return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
 def _port(text: str, spec: str) -> int:
     text = text.strip()
     if not (text.isascii() and text.isdigit()):  # isdigit alone admits "²" and "٨٠"
-        raise PortSpecError(f"{text!r} in {spec!r} is not a port number")
+        raise PortSpecError(f"{_shown(text)} in {_shown(spec)} is not a port number")
     value = int(text)
     if not MIN_PORT <= value <= MAX_PORT:
         raise PortSpecError(f"port {value} is outside {MIN_PORT}-{MAX_PORT}")
@@ -64,6 +89,11 @@ def format_port_spec(ports: Iterable[int]) -> str:
         parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
         i = j + 1
     return ",".join(parts)
+
+
+def format_port_ranges(ranges: Iterable[tuple[int, int]]) -> str:
+    """The spec of merged ranges (as :func:`parse_port_ranges` returns them)."""
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in ranges)
 
 
 def tier_of(port: int) -> str:

@@ -19,7 +19,8 @@ SCAN_TASK: Final = "cybersec.scan"
 SHARD_TASK: Final = "cybersec.scan_shard"
 """One part of a large scan; the worker that took the scan publishes these itself."""
 MERGE_TASK: Final = "cybersec.scan_merge"
-"""Chord callback joining a large scan's shards into its one result."""
+"""Joins a large scan's shards into its one result; published by the shard that recorded the
+last shard outcome (see ``worker_service.sharding``)."""
 MAX_PRIORITY: Final = 10
 PRIORITIES: Final[dict[Priority, int]] = {"low": 1, "normal": 4, "high": 7, "critical": 10}
 STORING: Final = "STORING"

@@ -30,6 +30,11 @@ def rate_key(prefix: str, owner: UUID | str, window: int) -> str:
     return f"{_prefix(prefix)}rate:{owner}:{window}"
 
 
+def critical_key(prefix: str, owner: UUID | str, window: int) -> str:
+    """Counter of a key's critical-priority submissions in one minute window."""
+    return f"{_prefix(prefix)}critical:{owner}:{window}"
+
+
 def owner_key(prefix: str, task_id: UUID | str) -> str:
     """``owner_value`` of a task: lets status reads check ownership while PostgreSQL is
     unreachable."""
@@ -49,8 +54,3 @@ def parse_owner_value(value: str) -> tuple[str, UUID]:
 def shards_key(prefix: str, task_id: UUID | str) -> str:
     """Hash of a sharded scan's per-shard progress, summed into its one progress."""
     return f"{_prefix(prefix)}shards:{task_id}"
-
-
-def chord_key(prefix: str, task_id: UUID | str) -> str:
-    """Set once a scan's shards were dispatched, so a redelivery does not dispatch them again."""
-    return f"{_prefix(prefix)}chord:{task_id}"

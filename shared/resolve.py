@@ -9,15 +9,26 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from typing import Any
 
 from shared.errors import ResolutionFailed
 from shared.policy import TargetPolicy
 from shared.targets import Target, network_hosts
 
 
-async def resolve_target(target: Target, policy: TargetPolicy, *, timeout: float) -> list[str]:
+async def resolve_target(
+    target: Target,
+    policy: TargetPolicy,
+    *,
+    timeout: float,
+    lookups: asyncio.Semaphore | None = None,
+) -> list[str]:
     """Every address the target stands for, in scan order; raises TargetDenied or
-    ResolutionFailed."""
+    ResolutionFailed.
+
+    ``lookups`` bounds the host-name lookups in flight (each holds a thread of the loop's
+    executor until the resolver answers, even after ``timeout`` gave up on it): waiting for a
+    turn counts against ``timeout``."""
     if target.kind == "ip":
         policy.check_address(target.value)
         return [target.value]
@@ -26,11 +37,10 @@ async def resolve_target(target: Target, policy: TargetPolicy, *, timeout: float
         for host in hosts:
             policy.check_address(host)
         return [str(host) for host in hosts]
-    name_allowed = policy.check_hostname(target.value)
-    loop = asyncio.get_running_loop()
+    policy.check_hostname(target.value)
     try:
         async with asyncio.timeout(timeout):
-            infos = await loop.getaddrinfo(target.value, None, type=socket.SOCK_STREAM)
+            infos = await _getaddrinfo(target.value, lookups)
     except TimeoutError:
         raise ResolutionFailed(f"{target.value} did not resolve within {timeout}s") from None
     except socket.gaierror as exc:
@@ -39,5 +49,23 @@ async def resolve_target(target: Target, policy: TargetPolicy, *, timeout: float
     if not addresses:
         raise ResolutionFailed(f"{target.value} resolved to no address")
     for address in addresses:
-        policy.check_address(address, name_allowed=name_allowed)
+        policy.check_address(address)
     return addresses
+
+
+async def _getaddrinfo(name: str, lookups: asyncio.Semaphore | None) -> list[Any]:
+    loop = asyncio.get_running_loop()
+    if lookups is None:
+        return await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    await lookups.acquire()
+    # The turn is given back when the lookup ends, not when its caller stops waiting: a
+    # timed-out lookup still holds an executor thread.
+    lookup = asyncio.ensure_future(loop.getaddrinfo(name, None, type=socket.SOCK_STREAM))
+
+    def finished(done: asyncio.Future[Any]) -> None:
+        lookups.release()
+        if not done.cancelled():
+            done.exception()  # retrieved: a caller that gave up does not want it logged
+
+    lookup.add_done_callback(finished)
+    return await asyncio.shield(lookup)

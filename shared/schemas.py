@@ -6,17 +6,26 @@ from datetime import datetime
 from typing import Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.ports import format_port_spec, parse_port_spec
+from shared.ports import format_port_ranges, parse_port_ranges
 from shared.targets import MAX_HOSTS_LIMIT, parse_target
 
 Priority = Literal["low", "normal", "high", "critical"]
 PortState = Literal["open", "closed", "filtered"]
-ScanState = Literal["queued", "running", "completed", "failed", "revoked"]
+EndedScanState = Literal["completed", "failed", "revoked"]
+ScanState = Literal["queued", "running", EndedScanState]
 TaskState = Literal["PENDING", "STARTED", "PROGRESS", "SUCCESS", "FAILURE", "RETRY", "REVOKED"]
 
 PAYLOAD_VERSION: Literal[1] = 1
+
+MAX_BANNER_CHARS = 512
+"""A stored banner is cut to this; what a port sends first rarely needs more to be told."""
+MAX_FIELD_CHARS = 128
+"""Service, product, version and reason are cut to this."""
+MAX_OPEN_PORTS_PER_HOST = 1024
+"""Open ports listed per address; past it a host (one that accepts every port, say) is flagged
+in ``capped_addresses`` and the rest are only counted in ``open_ports_omitted``."""
 
 
 class _Strict(BaseModel):
@@ -65,7 +74,7 @@ class ScanRequest(_Strict):
     @field_validator("ports")
     @classmethod
     def _ports(cls, value: str) -> str:
-        return format_port_spec(parse_port_spec(value))
+        return format_port_ranges(parse_port_ranges(value))
 
 
 class ScanTaskPayload(_Strict):
@@ -88,6 +97,16 @@ class PortResult(_Strict):
     banner: str | None = None
     product: str | None = None
     version: str | None = None
+
+    @field_validator("reason", "service", "product", "version", mode="before")
+    @classmethod
+    def _cap_field(cls, value: object) -> object:
+        return value[:MAX_FIELD_CHARS] if isinstance(value, str) else value
+
+    @field_validator("banner", mode="before")
+    @classmethod
+    def _cap_banner(cls, value: object) -> object:
+        return value[:MAX_BANNER_CHARS] if isinstance(value, str) else value
 
 
 class HostResult(_Strict):
@@ -128,6 +147,40 @@ class ScanResult(_Strict):
     hosts: list[HostResult] = Field(default_factory=list)
     probes_sent: int = 0
     retransmissions: int = 0
+    capped_addresses: list[str] = Field(default_factory=list)
+    """Addresses with more than ``MAX_OPEN_PORTS_PER_HOST`` open ports: only that many listed."""
+    open_ports_omitted: int = 0
+    """Open ports found but not listed, over the per-address cap."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cap_open_ports(cls, data: object) -> object:
+        if not isinstance(data, dict) or not isinstance(data.get("open_ports"), list):
+            return data
+        kept: list[object] = []
+        per_address: dict[object, int] = {}
+        capped: list[str] = list(data.get("capped_addresses") or [])
+        omitted = 0
+        for port in data["open_ports"]:
+            address = (
+                port.get("address") if isinstance(port, dict) else getattr(port, "address", None)
+            )
+            seen = per_address.get(address, 0)
+            if seen >= MAX_OPEN_PORTS_PER_HOST:
+                omitted += 1
+                if str(address) not in capped:
+                    capped.append(str(address))
+                continue
+            per_address[address] = seen + 1
+            kept.append(port)
+        if not omitted:
+            return data
+        return {
+            **data,
+            "open_ports": kept,
+            "capped_addresses": capped,
+            "open_ports_omitted": int(data.get("open_ports_omitted") or 0) + omitted,
+        }
 
 
 class ScanProgress(_Strict):

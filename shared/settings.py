@@ -13,6 +13,39 @@ from shared.targets import MAX_HOSTS_LIMIT
 
 ENV_PREFIX = "CYBERSEC_"
 
+PLACEHOLDERS = frozenset(
+    {
+        "change-me",
+        "changeme",
+        "secret",
+        "password",
+        "dev",
+        "dev-local-key",
+        "cybersec",
+        "guest",
+        "replace-with-a-long-random-key-1",
+        "replace-with-a-long-random-key-2",
+    }
+)
+"""Every secret shipped in this repository's examples (env example, compose, chart values):
+``production`` refuses them. tests/deploy checks that the examples hold no other."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+
+
+def is_placeholder(secret: str | None) -> bool:
+    if not secret:
+        return False
+    text = secret.lower()
+    return text in PLACEHOLDERS or "change-me" in text or text.startswith("replace-with")
+
 
 class Settings(BaseSettings):
     """Everything a process of either service needs to know about its surroundings."""
@@ -83,6 +116,80 @@ class Settings(BaseSettings):
     config) instead of a new scan; 0 disables the cache, ``force: true`` bypasses it."""
     resolve_timeout: float = Field(default=3.0, gt=0)
     """Seconds the gateway and the worker wait for a hostname to resolve."""
+    # Scan lifecycle on the worker (issue 14): sharded scans joined in PostgreSQL, the reaper.
+    merge_time_limit: int = Field(default=120, ge=1)
+    """Soft time limit (s) of a sharded scan's merge, which identifies services on the open
+    ports the shards found; the hard limit is 30 s more. Past it the scan fails."""
+    reap_interval: float = Field(default=60.0, gt=0)
+    """Seconds between two passes of a worker's reaper, which fails scans left 'running' past
+    their hard time limit plus the retry budget and frees their key's slot."""
+
+    # --- hardening (issue 16): bounds an attacker with a valid key cannot switch off ---
+    max_event_streams_per_key: int = Field(default=8, ge=1)
+    """Event streams one API key may hold open at once, per API process (over: 429)."""
+    max_event_streams: int = Field(default=200, ge=1, le=10_000)
+    """Event streams one API process holds open at once (over: 429); they read Redis through
+    a pool of their own this size, never the limiter's."""
+    max_concurrent_lookups: int = Field(default=16, ge=1, le=1024)
+    """Host-name lookups one API process runs at once; more wait within the resolve timeout."""
+    auth_stale_seconds: float = Field(default=60.0, ge=0)
+    """How long after its last check a key is still honoured while PostgreSQL is away."""
+    critical_share: float = Field(default=0.25, gt=0, le=1)
+    """Share of ``rate_limit_per_minute`` a key may submit with priority ``critical`` (at least
+    one a minute; 1: no bound of its own)."""
+
+    @property
+    def critical_per_minute(self) -> int | None:
+        if self.critical_share >= 1:
+            return None
+        return max(1, int(self.rate_limit_per_minute * self.critical_share))
+
+    # --- schedules and webhooks (issue 17): the dispatcher's settings ---
+    dispatcher_interval: float = Field(default=2.0, gt=0, le=60)
+    """Seconds between two ticks of a dispatcher (due schedules, unsent messages, webhooks)."""
+    webhook_allow_networks: Annotated[tuple[str, ...], NoDecode] = ()
+    """CIDRs a webhook URL may resolve to besides global addresses (e.g. an internal receiver)."""
+    webhook_timeout: float = Field(default=10.0, gt=0, le=60)
+    """Seconds one webhook delivery attempt may take, connect to last byte read."""
+    webhook_max_response_bytes: int = Field(default=65_536, ge=0)
+    """Most bytes of a receiver's answer read (and the first 1 KiB kept) per attempt."""
+    webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,36000"
+    """Seconds between a failed delivery attempt and the next (the Standard Webhooks
+    schedule); after the last, the message has failed."""
+    webhook_disable_after: int = Field(default=432_000, ge=60)
+    """Seconds an endpoint may fail every delivery before it is disabled (5 days)."""
+    dispatcher_heartbeat_file: str = "/tmp/cybersec-dispatcher.heartbeat"  # noqa: S108
+    """File a dispatcher touches after every tick that reached PostgreSQL (liveness probe)."""
+    max_schedules_per_key: int = Field(default=100, ge=0)
+    """Schedules one API key may have; their runs are not counted by the per-key rate limits."""
+    max_webhooks_per_key: int = Field(default=20, ge=0)
+    """Webhooks one API key may have."""
+
+    @field_validator("webhook_allow_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _delays(cls, value: str) -> str:
+        try:
+            delays = [float(part) for part in value.split(",")]
+        except ValueError:
+            raise ValueError("webhook_retry_schedule: comma-separated seconds") from None
+        if not delays or any(d < 0 for d in delays):
+            raise ValueError("webhook_retry_schedule: comma-separated seconds, none negative")
+        return value
+
+    @property
+    def webhook_retry_delays(self) -> tuple[float, ...]:
+        return tuple(float(part) for part in self.webhook_retry_schedule.split(","))
+
+    # Web dashboard (issue 18): the gateway's /ui pages and their session cookie.
+    ui_session_seconds: int = Field(default=28_800, ge=60)
+    """How long a dashboard sign-in lasts."""
 
     # Network scanning (issue 15): pacing, timing floor and tarpit detection of the engine.
     probe_rate_ceiling: int = Field(default=0, ge=0)
@@ -108,8 +215,13 @@ class Settings(BaseSettings):
         broker = urlsplit(self.broker_url)
         if broker.username == "guest" and broker.password == "guest":  # noqa: S105
             raise ValueError("CYBERSEC_BROKER_URL uses guest/guest; set real credentials")
+        for name in ("broker_url", "redis_url", "database_url"):
+            if is_placeholder(urlsplit(getattr(self, name)).password):
+                raise ValueError(
+                    f"CYBERSEC_{name.upper()} holds a placeholder password from the examples"
+                )
         for key in self.api_keys:
-            if len(key) < 24 or key.lower() in {"changeme", "change-me", "secret", "dev"}:
+            if len(key) < 24 or is_placeholder(key):
                 raise ValueError("CYBERSEC_API_KEYS holds a placeholder or short key")
         return self
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -13,6 +13,39 @@ import orjson
 
 from shared.batching import Batcher
 from shared.schemas import Priority, ScanConfig, ScanResult, ScanState
+
+ShardOutcome = Literal["completed", "cancelled", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ShardRow:
+    scan_id: UUID
+    index: int
+    addresses: tuple[str, ...]
+    ports: str
+    attempts: int
+    released: int
+    outcome: ShardOutcome | None
+    result: dict[str, Any] | None
+    error: str | None
+
+    @classmethod
+    def from_record(cls, record: asyncpg.Record) -> ShardRow:
+        return cls(
+            scan_id=record["scan_id"],
+            index=record["index"],
+            addresses=tuple(record["addresses"]),
+            ports=record["ports"],
+            attempts=record["attempts"],
+            released=record["released"],
+            outcome=record["outcome"],
+            result=record["result"],
+            error=record["error"],
+        )
+
+    @property
+    def lost_deliveries(self) -> int:
+        return self.attempts - 1 - self.released
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +66,13 @@ class ScanRow:
     attempts: int
     api_key_id: UUID | None
     cancel_requested: bool
+    released: int = 0
+    """Deliveries that ended in order without finishing (retries, requeues)."""
+    addresses: tuple[str, ...] = ()
+    """A sharded scan's addresses, in order."""
+    merge_attempts: int = 0
+    shards_total: int | None = None
+    shards_done: int = 0
 
     @classmethod
     def from_record(cls, record: asyncpg.Record) -> ScanRow:
@@ -54,7 +94,36 @@ class ScanRow:
             attempts=record["attempts"],
             api_key_id=record["api_key_id"],
             cancel_requested=record["cancel_requested"],
+            released=record["released"],
+            addresses=tuple(record["addresses"] or ()),
+            merge_attempts=record["merge_attempts"],
+            shards_total=record["shards_total"],
+            shards_done=record["shards_done"],
         )
+
+    @property
+    def lost_deliveries(self) -> int:
+        """Earlier deliveries that ended with their worker gone (this one not counted)."""
+        return self.attempts - 1 - self.released
+
+
+@dataclass(frozen=True, slots=True)
+class ScanListing:
+    """A row of a key's list of scans: no config, no result, the open ports counted."""
+
+    id: UUID
+    task_id: UUID
+    target: str
+    ports: str
+    priority: Priority
+    state: ScanState
+    created_at: datetime
+    finished_at: datetime | None
+    error: str | None
+    open_port_count: int | None
+
+
+_LISTING_COLUMNS = ", ".join(ScanListing.__dataclass_fields__)
 
 
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
@@ -244,8 +313,10 @@ class ScanStore:
         before: tuple[datetime, UUID] | None = None,
         state: ScanState | None = None,
         target: str | None = None,
-    ) -> list[ScanRow]:
-        """The owner's scans, newest first, strictly older than the ``before`` cursor."""
+        schedule_id: UUID | None = None,
+    ) -> list[ScanListing]:
+        """The owner's scans, newest first, strictly older than the ``before`` cursor; their
+        results are not read, only their stored open-port count."""
         conditions = ["api_key_id = $1"]
         args: list[Any] = [owner]
         if before is not None:
@@ -257,13 +328,17 @@ class ScanStore:
         if target is not None:
             args.append(target)
             conditions.append(f"target = ${len(args)}")
+        if schedule_id is not None:
+            args.append(schedule_id)
+            conditions.append(f"schedule_id = ${len(args)}")
         args.append(limit)
         records = await self.pool.fetch(
-            f"SELECT * FROM scans WHERE {' AND '.join(conditions)}"  # noqa: S608 - fixed fragments
+            f"SELECT {_LISTING_COLUMNS} FROM scans"  # noqa: S608 - fixed fragments
+            f" WHERE {' AND '.join(conditions)}"
             f" ORDER BY created_at DESC, id DESC LIMIT ${len(args)}",
             *args,
         )
-        return [ScanRow.from_record(r) for r in records]
+        return [ScanListing(**dict(r)) for r in records]
 
     async def latest_completed(
         self, owner: UUID, target: str, before: datetime, exclude: UUID
@@ -278,6 +353,15 @@ class ScanStore:
         )
         return ScanRow.from_record(record) if record is not None else None
 
+    async def ended_among(self, task_ids: Sequence[UUID]) -> set[UUID]:
+        """Which of these tasks' scans are over: one query for every open event stream."""
+        records = await self.pool.fetch(
+            "SELECT task_id FROM scans WHERE task_id = ANY($1::uuid[])"
+            " AND state IN ('completed', 'failed', 'revoked')",
+            list(task_ids),
+        )
+        return {record["task_id"] for record in records}
+
     async def request_cancel(self, task_id: UUID, owner: UUID) -> ScanRow | None:
         """Flag the scan for cancellation; a queued one is revoked at once, before any worker
         sees it. Finished scans are left as they are."""
@@ -291,14 +375,22 @@ class ScanStore:
         )
         return ScanRow.from_record(record) if record is not None else None
 
-    async def cancel_requested(self, scan_id: UUID) -> bool:
+    async def should_stop(self, scan_id: UUID) -> bool:
+        """Whether the scan should stop: cancelled, or ended meanwhile (a shard failed it, the
+        reaper did)."""
         flag: bool | None = await self.relaxed.fetchval(
-            "SELECT cancel_requested FROM scans WHERE id = $1", scan_id
+            "SELECT cancel_requested OR state NOT IN ('queued', 'running')"
+            " FROM scans WHERE id = $1",
+            scan_id,
         )
         return bool(flag)
 
-    async def mark_running(self, scan_id: UUID) -> ScanRow | None:
+    async def mark_running(
+        self, scan_id: UUID, reap_seconds: float | None = None
+    ) -> ScanRow | None:
         """Count a delivery and move a queued scan to running; returns the row as it now is.
+        With ``reap_seconds``, the reaper may fail the scan that long from now if it is still
+        running then (its hard limit plus the retry budget).
 
         On a relaxed pool its commit does not wait for the disk (~0.5 ms of a 1-port scan's
         ~4 ms here). A database crash can then undo it: the scan is back to queued with one
@@ -308,11 +400,21 @@ class ScanStore:
             "UPDATE scans SET attempts = attempts + 1,"
             " state = CASE WHEN state IN ('queued', 'running') THEN 'running' ELSE state END,"
             " started_at = CASE WHEN state IN ('queued', 'running')"
-            " THEN COALESCE(started_at, now()) ELSE started_at END"
+            " THEN COALESCE(started_at, now()) ELSE started_at END,"
+            " reap_after = CASE WHEN $2::float8 IS NULL THEN reap_after"
+            " ELSE GREATEST(reap_after, now() + make_interval(secs => $2)) END"
             " WHERE id = $1 RETURNING *",
             scan_id,
+            reap_seconds,
         )
         return ScanRow.from_record(record) if record is not None else None
+
+    async def release(self, task_id: UUID) -> None:
+        """Count a delivery that ended in order without finishing (a retry, a requeue), so the
+        poison guard does not count it as a lost worker."""
+        await self.pool.execute(
+            "UPDATE scans SET released = released + 1 WHERE task_id = $1", task_id
+        )
 
     async def complete(self, result: ScanResult) -> None:
         await self.pool.execute(
@@ -329,18 +431,10 @@ class ScanStore:
         """Keep the partial result of a scan stopped on request."""
         await self.pool.execute(
             "UPDATE scans SET state = 'revoked', result = $2, finished_at = $3"
-            " WHERE id = $1 AND state <> 'completed'",
+            " WHERE id = $1 AND state IN ('queued', 'running')",
             result.scan_id,
             result.model_dump(mode="json"),
             result.finished_at,
-        )
-
-    async def fail(self, scan_id: UUID, error: str) -> None:
-        await self.pool.execute(
-            "UPDATE scans SET state = 'failed', error = $2, finished_at = now()"
-            " WHERE id = $1 AND state IN ('queued', 'running')",
-            scan_id,
-            error,
         )
 
     async def fail_by_task(self, task_id: UUID, error: str) -> None:
@@ -350,6 +444,118 @@ class ScanStore:
             task_id,
             error,
         )
+
+    async def start_shards(
+        self,
+        scan_id: UUID,
+        addresses: Sequence[str],
+        plan: Sequence[tuple[Sequence[str], str]],
+        reap_seconds: float,
+    ) -> Sequence[ShardRow]:
+        """Record a scan's shards (once: a redelivery finds them); returns those with no
+        outcome yet, to be published. Rows first, messages after: a crash between the two
+        leaves a redelivered scan that publishes them again."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            planned = await conn.fetchval(
+                "UPDATE scans SET addresses = COALESCE(addresses, $2),"
+                " shards_total = COALESCE(shards_total, $3),"
+                " reap_after = GREATEST(reap_after, now() + make_interval(secs => $4))"
+                " WHERE id = $1 AND state = 'running' RETURNING shards_total",
+                scan_id,
+                list(addresses),
+                len(plan),
+                reap_seconds,
+            )
+            if planned is None:
+                return []
+            await conn.executemany(
+                "INSERT INTO scan_shards (scan_id, index, addresses, ports)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                [(scan_id, i, list(a), p) for i, (a, p) in enumerate(plan)],
+            )
+            records = await conn.fetch(
+                "SELECT * FROM scan_shards WHERE scan_id = $1 AND outcome IS NULL ORDER BY index",
+                scan_id,
+            )
+        return [ShardRow.from_record(r) for r in records]
+
+    async def shard_started(
+        self, scan_id: UUID, index: int, reap_seconds: float
+    ) -> tuple[ShardRow, ScanRow] | None:
+        """Count a delivery of a shard and keep its scan from being reaped meanwhile."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            shard = await conn.fetchrow(
+                "UPDATE scan_shards SET attempts = attempts + 1"
+                " WHERE scan_id = $1 AND index = $2 RETURNING *",
+                scan_id,
+                index,
+            )
+            scan = await conn.fetchrow(
+                "UPDATE scans SET reap_after ="
+                " GREATEST(reap_after, now() + make_interval(secs => $2))"
+                " WHERE id = $1 RETURNING *",
+                scan_id,
+                reap_seconds,
+            )
+        if shard is None or scan is None:
+            return None
+        return ShardRow.from_record(shard), ScanRow.from_record(scan)
+
+    async def release_shard(self, scan_id: UUID, index: int) -> None:
+        await self.pool.execute(
+            "UPDATE scan_shards SET released = released + 1 WHERE scan_id = $1 AND index = $2",
+            scan_id,
+            index,
+        )
+
+    async def record_shard(
+        self,
+        scan_id: UUID,
+        index: int,
+        outcome: ShardOutcome,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Store a shard's outcome; True for the one call that recorded the scan's last.
+
+        The count is kept on the scan's row, whose lock orders concurrent shards: exactly one
+        of them sees the count reach the total, in the transaction that recorded its own."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            recorded = await conn.fetchval(
+                "UPDATE scan_shards SET outcome = $3, result = $4, error = $5,"
+                " finished_at = now() WHERE scan_id = $1 AND index = $2 AND outcome IS NULL"
+                " RETURNING index",
+                scan_id,
+                index,
+                outcome,
+                result,
+                error,
+            )
+            if recorded is None:
+                return False  # a duplicate delivery of a shard already recorded
+            counts = await conn.fetchrow(
+                "UPDATE scans SET shards_done = shards_done + 1 WHERE id = $1"
+                " RETURNING shards_done, shards_total",
+                scan_id,
+            )
+        return counts is not None and counts["shards_done"] == counts["shards_total"]
+
+    async def shards(self, scan_id: UUID) -> Sequence[ShardRow]:
+        records = await self.pool.fetch(
+            "SELECT * FROM scan_shards WHERE scan_id = $1 ORDER BY index", scan_id
+        )
+        return [ShardRow.from_record(r) for r in records]
+
+    async def merge_started(self, scan_id: UUID, reap_seconds: float) -> ScanRow | None:
+        """Count a delivery of a scan's merge; its lost ones are ``merge_attempts - 1``."""
+        record = await self.pool.fetchrow(
+            "UPDATE scans SET merge_attempts = merge_attempts + 1,"
+            " reap_after = GREATEST(reap_after, now() + make_interval(secs => $2))"
+            " WHERE id = $1 RETURNING *",
+            scan_id,
+            reap_seconds,
+        )
+        return ScanRow.from_record(record) if record is not None else None
 
     async def delete(self, scan_id: UUID) -> None:
         await self.pool.execute("DELETE FROM scans WHERE id = $1", scan_id)

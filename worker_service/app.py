@@ -1,4 +1,4 @@
-"""Assemble a worker's Celery app: tasks, heartbeat, metrics, log context, runtime teardown."""
+"""Assemble a worker's Celery app: tasks, heartbeat, reaper, metrics, log context, teardown."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from shared.settings import Settings
 from worker_service.celery_app import make_celery
 from worker_service.heartbeat import install_heartbeat
 from worker_service.metrics import install_metrics
+from worker_service.reaper import install_reaper
 from worker_service.runtime import close_runtime
 from worker_service.tasks import register_tasks
 
@@ -36,6 +37,7 @@ def create_worker_app(settings: Settings) -> Celery:
     app = make_celery(settings)
     register_tasks(app)
     install_heartbeat(app)
+    install_reaper(settings)
     worker_process_shutdown.connect(_close_runtime, weak=False)
     # Receivers run in connection order: metrics' own log lines still carry the ids.
     task_prerun.connect(_bind_log_context, weak=False)

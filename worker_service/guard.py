@@ -14,18 +14,26 @@ import logging
 from typing import Any
 from uuid import UUID
 
-import asyncpg
 from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 
 from shared.errors import InvalidScan
 from shared.settings import Settings
+from shared.store import ScanStore, create_pool
+from worker_service.shutdown import release_running
 
 log = logging.getLogger(__name__)
 
 
 class GuardedRequest(Request):
+    """A message that cannot be decoded into ``(args, kwargs)`` is an invalid task here.
+
+    Celery enforces only the hard time limit: the soft one (still in the task's
+    ``request.timelimit``) is the deadline the delivery runs under on its event loop. Celery's
+    soft limit is a signal raising an exception wherever the process is, which could land in an
+    event loop callback (and be logged there, lost) or in the middle of a final write."""
+
     def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
         try:
             super().__init__(message, *args, **kwargs)
@@ -34,10 +42,17 @@ class GuardedRequest(Request):
         task_args, task_kwargs, _embed = self._payload  # type: ignore[attr-defined]
         if not isinstance(task_args, list | tuple) or not isinstance(task_kwargs, dict):
             raise InvalidTaskError("malformed scan message: args must be a list, kwargs a dict")
+        hard, _soft = self.time_limits
+        self.time_limits = (hard, None)
 
 
 class GuardedConsumer(Consumer):
     connection_errors: tuple[type[BaseException], ...]
+
+    def cancel_active_requests(self) -> None:
+        """At the end of a soft shutdown: the requeues that follow are not lost workers."""
+        release_running(self.app.conf.cybersec_settings)
+        super().cancel_active_requests()
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         log.error("undecodable message dead-lettered: %r", exc)
@@ -65,14 +80,9 @@ class GuardedConsumer(Consumer):
 
 
 async def _fail(dsn: str, task_id: str, reason: str) -> None:
-    conn = await asyncpg.connect(dsn, timeout=3)
-    try:
-        await conn.execute(
-            "UPDATE scans SET state = 'failed', error = $2, finished_at = now()"
-            " WHERE task_id = $1 AND state IN ('queued', 'running')",
-            UUID(str(task_id)),
-            reason,
-            timeout=3,
-        )
-    finally:
-        await conn.close()
+    async with asyncio.timeout(5):
+        pool = await create_pool(dsn, max_size=1)
+        try:
+            await ScanStore(pool).fail_by_task(UUID(str(task_id)), reason)
+        finally:
+            await pool.close()

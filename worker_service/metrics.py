@@ -5,11 +5,12 @@ prometheus_client's multiprocess mode keeps each process's samples in files unde
 ``PROMETHEUS_MULTIPROC_DIR``, which ``python -m worker_service`` creates per worker, before
 prometheus_client is imported, and removes at exit. The main process's endpoint merges them.
 
-Outcomes: a task's own run ends in ``task_postrun`` with its state (``IGNORED`` is how the scan
-task ends a cancelled or skipped scan: ``revoked``). What ends a task outside its run — a hard
-time limit, a lost child process, a revoke before it ran — is signalled in the main process by
-``task_failure``, ``task_retry`` or ``task_revoked``; those signals are counted only for tasks
-not running in the process that receives them, so nothing is counted twice.
+Outcomes: a task's own run ends in ``task_postrun``, labelled by the typed outcome that
+``lifecycle.finish`` recorded on its request. What ends a task outside its run — a hard time
+limit, a lost child process, a revoke before it ran — is signalled in the main process by
+``task_failure`` or ``task_revoked``; those signals are counted only for tasks not running in the
+process that receives them, so nothing is counted twice. A child's own worker-lost requeue (a
+graceful shutdown's, or a crash's) is not counted as a failure: the message runs again.
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 from uuid import UUID
 from wsgiref.simple_server import WSGIServer
 
 import asyncpg
+from billiard.exceptions import WorkerLostError
 from celery import Celery
 from celery.signals import (
     task_failure,
     task_postrun,
     task_prerun,
-    task_retry,
     task_revoked,
     worker_ready,
     worker_shutdown,
@@ -41,22 +42,16 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from shared.protocol import MERGE_TASK, SCAN_TASK
 from shared.settings import Settings
 from shared.store import ScanRow
+from worker_service.lifecycle import Outcome
 from worker_service.runtime import get_runtime
 
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-OUTCOMES = ("success", "failure", "revoked", "retry", "sharded")
+OUTCOMES = tuple(dict.fromkeys(ending.label for ending in get_args(Outcome)))
+"""success, sharded, revoked, failure, retry: the labels of ``lifecycle``'s outcomes."""
 OUTCOME_ATTRIBUTE = "cybersec_outcome"
-"""Set on a task's request by the task itself when its Celery state does not tell the outcome
-(a scan handed to shards ends its run with Ignore, like a cancelled one)."""
-_STATE_OUTCOMES = {
-    "SUCCESS": "success",
-    "FAILURE": "failure",
-    "RETRY": "retry",
-    "IGNORED": "revoked",  # the scan task raises Ignore for a cancelled or skipped scan
-    "REJECTED": "failure",
-}
+"""Where ``lifecycle.finish`` leaves a delivery's outcome, on the task's request."""
 QUEUE_WAIT_LOOKUP_SECONDS = 2.0
 
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800)
@@ -138,22 +133,23 @@ class TaskHooks:
         run = self.running.pop(task_id, None)
         if run is None or not self._ours(task):
             return
-        request = getattr(task, "request", None)
-        outcome = getattr(request, OUTCOME_ATTRIBUTE, None) or _STATE_OUTCOMES.get(
-            str(state), "failure"
-        )
+        ended = getattr(getattr(task, "request", None), OUTCOME_ATTRIBUTE, None)
+        # No outcome recorded: the run raised past finish (a bug; its log has it).
+        outcome = str(getattr(ended, "label", "failure"))
         self.metrics.finished.labels(outcome).inc()
         self.metrics.duration.labels(outcome).observe(time.monotonic() - run.start)
-        if outcome == "success" and isinstance(retval, dict):
-            self._observe_rate(retval)
+        result = getattr(ended, "result", None)
+        if outcome == "success" and result is not None:
+            self._observe_rate(result.total_ports_scanned, result.duration_seconds)
         if outcome != "retry" and run.scan_id is not None:
             self._observe_queue_wait(run.scan_id)
 
-    def failure(self, sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    def failure(
+        self, sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any
+    ) -> None:
+        if isinstance(exception, WorkerLostError):
+            return  # requeued (task_reject_on_worker_lost): the message runs again
         self._ended_elsewhere(sender, task_id, "failure")
-
-    def retry(self, sender: Any = None, request: Any = None, **_: Any) -> None:
-        self._ended_elsewhere(sender, getattr(request, "id", None), "retry")
 
     def revoked(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         self._ended_elsewhere(sender, getattr(request, "id", None), "revoked")
@@ -163,11 +159,7 @@ class TaskHooks:
             return  # a run in this process: its postrun counts it
         self.metrics.finished.labels(outcome).inc()
 
-    def _observe_rate(self, result: dict[str, Any]) -> None:
-        ports = result.get("total_ports_scanned")
-        seconds = result.get("duration_seconds")
-        if not isinstance(ports, int) or not isinstance(seconds, int | float):
-            return
+    def _observe_rate(self, ports: int, seconds: float) -> None:
         self.metrics.ports_scanned.inc(ports)
         if ports and seconds > 0:
             self.metrics.ports_per_second.observe(ports / seconds)
@@ -243,7 +235,6 @@ def install_metrics(app: Celery, settings: Settings) -> MetricsServer | None:
     task_prerun.connect(hooks.prerun, weak=False)
     task_postrun.connect(hooks.postrun, weak=False)
     task_failure.connect(hooks.failure, weak=False)
-    task_retry.connect(hooks.retry, weak=False)
     task_revoked.connect(hooks.revoked, weak=False)
     server = MetricsServer(settings.metrics_port, directory)
     worker_ready.connect(server.start, weak=False)

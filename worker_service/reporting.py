@@ -73,6 +73,17 @@ class EventLog:
         if release is not None:
             pipe.zrem(active_key(self.prefix, release), self.task_id)
 
+    def hold_slot(self, owner: Any, seconds: float) -> None:
+        """Count the key's active-scan slot from now, the scan's start: a slot the gateway took
+        lives while the scan is queued, however long, and then ``seconds`` from its start. A
+        slot already released (the scan was cancelled) is not taken again."""
+        try:
+            self.client.zadd(
+                active_key(self.prefix, owner), {self.task_id: time.time() + seconds}, xx=True
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("scan %s: active slot not renewed: %r", self.task_id, exc)
+
     def _release(self, owner: Any) -> None:
         try:
             self.client.zrem(active_key(self.prefix, owner), self.task_id)

@@ -54,14 +54,6 @@ class WorkerRuntime:
             self._store = ScanStore(pool, relaxed=relaxed)
         return self._store
 
-    def cancel_pending(self) -> None:
-        """Cancel what a task left on the loop when a signal interrupted it (time limit)."""
-        pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-
     def close(self) -> None:
         if self._store is not None:
             for pool in (self._store.relaxed, self._store.pool):

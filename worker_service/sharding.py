@@ -1,77 +1,77 @@
-"""Large scans as a Celery chord: shards on several worker processes, then one merge.
+"""Large scans split into shards on several worker processes, joined in PostgreSQL, merged.
 
-The user keeps the one task id the gateway gave out. Shards write their progress into a
-Redis hash and publish the sum as that task's PROGRESS; the merge stores the result as that
-task's SUCCESS, in PostgreSQL, and ends its event stream.
+The user keeps the one task id the gateway gave out. The scan's delivery records its shards as
+rows (``scan_shards``) and the task layer publishes them; each shard records its typed outcome
+there, and the shard that records the last one (decided under the scan row's lock, in the same
+transaction) has the merge published. The merge builds the one result and ends the scan through
+``lifecycle.finish``. A shard that fails, runs past its limit or is dead-lettered fails the scan
+at once; one whose worker is killed at its hard limit leaves the scan to the reaper. Shards
+write their progress into a Redis hash (progress only: losing Redis loses no scan).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import ClassVar, Literal
 
 import orjson
-from celery import Celery, chord
+from pydantic import BaseModel
 from redis.exceptions import RedisError
 
-from shared.ports import format_port_spec, parse_port_spec
-from shared.protocol import MERGE_TASK, PRIORITIES, SHARD_TASK, time_limits
-from shared.redis_keys import chord_key, shards_key
+from shared.errors import PermanentError
+from shared.ports import parse_port_spec
+from shared.protocol import MAX_DELIVERIES
+from shared.redis_keys import shards_key
+from shared.retry import TRANSIENT_ERRORS, retry
 from shared.schemas import PortResult, ScanProgress, ScanResult, ScanTaskPayload
-from worker_service.job import Shard, identify_services, port_result, watch_cancel
-from worker_service.probe.runner import ScanProgressEvent, by_address, probe_limits, scan_hosts
+from shared.store import ScanRow, ShardOutcome, ShardRow
+from shared.targets import parse_target
+from worker_service.job import (
+    Runtime,
+    identify_services,
+    port_result,
+    probe,
+    sharded_reap_seconds,
+)
+from worker_service.lifecycle import (
+    MAX_RETRIES,
+    Cancelled,
+    Completed,
+    Delivery,
+    Failed,
+    Outcome,
+    Requeue,
+    RetryLater,
+    Skipped,
+    run_watched,
+)
+from worker_service.probe.identify import ServiceInfo
+from worker_service.probe.runner import ScanProgressEvent, probe_limits
 from worker_service.reporting import PROGRESS_INTERVAL, EventLog
-from worker_service.runtime import WorkerRuntime
 
 
-def dispatch(
-    app: Celery,
-    job: ScanTaskPayload,
-    parent_task_id: str,
-    addresses: list[str],
-    plan: list[Shard],
-    started: datetime,
-    announce: Callable[[], None],
-) -> bool:
-    """Publish the shards and their merge; False when an earlier delivery already did.
+class ShardFindings(BaseModel):
+    """A shard's result as stored in its row."""
 
-    ``announce`` runs before anything is published, so the parent's PROGRESS can never land
-    after a fast merge has stored its SUCCESS."""
-    settings = app.conf.cybersec_settings
-    client = app.backend.client  # type: ignore[attr-defined]  # the Redis result backend
-    with contextlib.suppress(RedisError, OSError):
-        if not client.set(
-            chord_key(settings.redis_prefix, parent_task_id), 1, nx=True, ex=settings.result_ttl
-        ):
-            return False
-    payload = job.model_dump(mode="json")
-    priority = PRIORITIES[job.priority]
-    header = []
-    for index, (addresses, ports) in enumerate(plan):
-        hard, soft = time_limits(job, len(ports), len(addresses), cap=settings.max_scan_seconds)
-        header.append(
-            app.signature(
-                SHARD_TASK,
-                args=(payload, parent_task_id, index, addresses, format_port_spec(ports)),
-                priority=priority,
-                queue=settings.scan_queue,
-                time_limit=hard,
-                soft_time_limit=soft,
-            )
-        )
-    merge = app.signature(
-        MERGE_TASK,
-        args=(payload, parent_task_id, addresses, started.isoformat()),
-        priority=priority,
-        queue=settings.scan_queue,
-    )
-    announce()
-    chord(header, app=app)(merge)
-    return True
+    open: list[tuple[str, int, str]] = []
+    closed: int = 0
+    filtered: int = 0
+    scanned: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """The shard's outcome is in PostgreSQL; ``merge``: it was the last, publish the merge."""
+
+    merge: bool
+    label: ClassVar[str] = "sharded"
+
+
+ShardDelivery = Recorded | Skipped | Failed | RetryLater | Requeue
 
 
 class ShardProgress:
@@ -79,17 +79,14 @@ class ShardProgress:
 
     def __init__(
         self,
-        runtime: WorkerRuntime,
-        parent_task_id: str,
+        events: EventLog,
         index: int,
         total: int,
         update_parent: Callable[[ScanProgress], None],
     ) -> None:
-        settings = runtime.settings
-        self.client = runtime.redis()
-        self.key = shards_key(settings.redis_prefix, parent_task_id)
-        self.ttl = settings.result_ttl
-        self.events = EventLog(self.client, settings.redis_prefix, parent_task_id, self.ttl)
+        self.events = events
+        self.client = events.client
+        self.key = shards_key(events.prefix, events.task_id)
         self.index = index
         self.total = total
         self.update_parent = update_parent
@@ -101,6 +98,9 @@ class ShardProgress:
 
     def start_host(self, address: str) -> None:
         self.address = address
+
+    def finish_host(self, ports_scanned: int) -> None:
+        self.base += ports_scanned
 
     def __call__(self, event: ScanProgressEvent) -> None:
         seen = {port for address, port in self.open if address == self.address}
@@ -115,7 +115,7 @@ class ShardProgress:
                 pipe.hset(
                     self.key, str(self.index), orjson.dumps({"done": done, "tier": event.tier})
                 )
-                pipe.expire(self.key, self.ttl)
+                pipe.expire(self.key, self.events.ttl)
                 pipe.hvals(self.key)
                 shards = pipe.execute()[-1]
         except (RedisError, OSError):
@@ -138,93 +138,206 @@ class ShardProgress:
             self.update_parent(progress)
 
 
-async def run_shard(
-    runtime: WorkerRuntime,
+async def deliver_shard(
+    runtime: Runtime,
+    delivery: Delivery,
     job: ScanTaskPayload,
-    addresses: list[str],
-    ports: list[int],
-    progress: ShardProgress,
-) -> dict[str, Any]:
-    """Sweep this shard's probes; stops early, marked cancelled, when the scan is cancelled."""
-    store = await runtime.store()
-    outcome: dict[str, Any] = {"open": [], "closed": 0, "filtered": 0, "scanned": 0}
+    index: int,
+    events: EventLog,
+    update_parent: Callable[[ScanProgress], None],
+) -> tuple[ShardDelivery, ScanRow | None]:
+    """Sweep shard ``index`` of ``job`` and record its outcome; a ``Failed`` fails the scan."""
+    settings = runtime.settings
+    deadline = delivery.work_deadline.sooner(settings.db_retry_seconds)
+    try:
+        store = await retry(runtime.store, deadline, what=f"shard {index} of {job.scan_id}")
+        reap = delivery.hard + sharded_reap_seconds(job, [], settings)
+        started = await retry(lambda: store.shard_started(job.scan_id, index, reap), deadline)
+    except TRANSIENT_ERRORS as exc:
+        reason = f"database unavailable before shard {index} could start: {exc!r}"
+        return (RetryLater(reason) if delivery.retries < MAX_RETRIES else Requeue(reason)), None
+    if started is None:
+        return Skipped("revoked"), None  # the scan was deleted
+    shard, row = started
+    if shard.outcome is not None:
+        # A duplicate of a shard already recorded; if the scan waits for its merge still, the
+        # merge's publish may have failed: publish it again (a second merge changes nothing).
+        return Recorded(row.state == "running" and row.shards_done == row.shards_total), row
+    if row.state != "running":
+        return Skipped(row.state), row
+    if shard.lost_deliveries >= MAX_DELIVERIES:
+        return Failed(
+            f"shard {index} was delivered {shard.lost_deliveries} times without finishing (each"
+            " time its worker was lost); moved to the dead-letter queue",
+            dead_letter=True,
+        ), row
+    outcome, findings, error = await _sweep(
+        runtime, delivery, job, shard, row, events, update_parent
+    )
+    write_deadline = delivery.write_deadline(settings.db_retry_seconds)
+    try:
+        last = await retry(
+            lambda: store.record_shard(
+                job.scan_id, index, outcome, findings.model_dump(mode="json"), error
+            ),
+            write_deadline,
+        )
+    except TRANSIENT_ERRORS as exc:
+        reason = f"database unavailable while recording shard {index}: {exc!r}"
+        return (RetryLater(reason) if delivery.retries < MAX_RETRIES else Requeue(reason)), row
+    if error is not None:
+        return Failed(error), row
+    return Recorded(merge=last), row
 
-    def report(event: ScanProgressEvent) -> None:
-        for address, one in by_address(event):
-            if address is not None:
-                progress.start_host(address)
-            progress(one)
+
+async def _sweep(
+    runtime: Runtime,
+    delivery: Delivery,
+    job: ScanTaskPayload,
+    shard: ShardRow,
+    row: ScanRow,
+    events: EventLog,
+    update_parent: Callable[[ScanProgress], None],
+) -> tuple[ShardOutcome, ShardFindings, str | None]:
+    findings = ShardFindings()
+    if row.cancel_requested:
+        return "cancelled", findings, None
+    try:
+        _recheck_policy(runtime, job, shard.addresses)
+    except PermanentError as exc:
+        return "failed", findings, f"shard {shard.index}: {exc}"
+    store = await runtime.store()
+    ports = parse_port_spec(shard.ports)
+    total = len(parse_port_spec(job.ports)) * len(row.addresses)
+    progress = ShardProgress(events, shard.index, total, update_parent)
 
     async def sweep() -> None:
-        # One sweep of all the shard's addresses: discovery, hosts interleaved (issue 15).
+        # The shards are the split across processes already: one probe process each.
         limits = probe_limits(runtime.settings)._replace(probe_processes=1)
-        found = await scan_hosts(addresses, ports, job.config, report, limits=limits)
-        outcome["scanned"] += found.scanned
-        for address, results in found.outcomes.items():
-            for result in results:
-                if result.state == "open":
-                    outcome["open"].append([address, result.port, result.reason])
-                elif result.state == "closed":
-                    outcome["closed"] += 1
+        found = await probe(list(shard.addresses), ports, job.config, progress, limits=limits)
+        for address, outcomes in found.outcomes.items():
+            findings.scanned += len(outcomes)
+            for outcome in outcomes:
+                if outcome.state == "open":
+                    findings.open.append((address, outcome.port, outcome.reason))
+                elif outcome.state == "closed":
+                    findings.closed += 1
                 else:
-                    outcome["filtered"] += 1
+                    findings.filtered += 1
 
-    scan = asyncio.ensure_future(sweep())
-    watcher = asyncio.ensure_future(watch_cancel(store, job.scan_id, scan))
     try:
-        await scan
-    except asyncio.CancelledError:
-        if not watcher.done() or not watcher.result():
-            raise
-        outcome["cancelled"] = True
-        outcome["open"] += [
-            [a, p, "syn-ack"] for a, p in progress.open if [a, p, "syn-ack"] not in outcome["open"]
-        ]
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-    return outcome
+        async with asyncio.timeout(delivery.work_deadline.remaining):
+            stopped = await run_watched(
+                sweep(), lambda: store.should_stop(job.scan_id), f"shard {shard.index}"
+            )
+    except TimeoutError:
+        return "failed", findings, f"a shard exceeded its time limit ({delivery.soft:g} s)"
+    if stopped:
+        known = {(a, p) for a, p, _ in findings.open}
+        findings.open += [(a, p, "syn-ack") for a, p in progress.open if (a, p) not in known]
+        return "cancelled", findings, None
+    return "completed", findings, None
 
 
-async def merge_shards(
-    job: ScanTaskPayload,
-    shards: list[dict[str, Any]],
-    addresses: list[str],
-    started: datetime,
-    *,
-    cancel_requested: bool = False,
-) -> ScanResult:
-    """One result from the shards' outcomes, with services identified on the open ports
-    unless the scan was cancelled (then it is a revoked result of what the shards found)."""
-    by_address: dict[str, list[tuple[int, str]]] = {}
-    for shard in shards:
-        for address, port, reason in shard["open"]:
-            by_address.setdefault(address, []).append((port, reason))
-    cancelled = cancel_requested or any(shard.get("cancelled") for shard in shards)
-    open_ports: list[PortResult] = []
-    for address, found in sorted(by_address.items()):
-        found = sorted(set(found))
-        services = {}
-        if job.config.service_detection and not cancelled:
-            services = await identify_services(address, [p for p, _ in found], job.config)
-        open_ports += [port_result(address, p, r, services.get(p)) for p, r in found]
-    scanned = sum(shard["scanned"] for shard in shards)
-    total = len(parse_port_spec(job.ports)) * len(addresses)
-    finished = datetime.now(UTC)
-    return ScanResult(
-        scan_id=job.scan_id,
-        target=job.target,
-        addresses=addresses,
-        ports=job.ports,
-        total_ports_scanned=scanned,
-        open_ports=open_ports,
-        closed_ports=sum(shard["closed"] for shard in shards),
-        filtered_ports=sum(shard["filtered"] for shard in shards),
-        status="revoked" if cancelled else "completed",
-        progress=100 if not cancelled else min(99, scanned * 100 // max(1, total)),
-        started_at=started,
-        finished_at=finished,
-        duration_seconds=round((finished - started).total_seconds(), 6),
-        shards=len(shards),
-    )
+def _recheck_policy(runtime: Runtime, job: ScanTaskPayload, addresses: tuple[str, ...]) -> None:
+    """The policy may have changed since the scan was split: check again before probing."""
+    target = parse_target(job.target, max_hosts=runtime.settings.max_hosts)
+    if target.kind == "hostname":
+        runtime.policy.check_hostname(target.value)
+    for address in addresses:
+        runtime.policy.check_address(address)
+
+
+async def deliver_merge(
+    runtime: Runtime, delivery: Delivery, job: ScanTaskPayload
+) -> tuple[Outcome, ScanRow | None]:
+    """Join the shards' outcomes into the scan's one result, identifying services on its open
+    ports under the merge's time limit and the cancel watch."""
+    settings = runtime.settings
+    deadline = delivery.work_deadline.sooner(settings.db_retry_seconds)
+    reap = delivery.reap_seconds(settings.db_retry_seconds)
+    try:
+        store = await retry(runtime.store, deadline, what=f"merge of {job.scan_id}")
+        row = await retry(lambda: store.merge_started(job.scan_id, reap), deadline)
+        shards = await retry(lambda: store.shards(job.scan_id), deadline) if row else []
+    except TRANSIENT_ERRORS as exc:
+        reason = f"database unavailable before the merge: {exc!r}"
+        return (RetryLater(reason) if delivery.retries < MAX_RETRIES else Requeue(reason)), None
+    if row is None:
+        return Skipped("revoked"), None
+    if row.state == "completed" and row.result is not None:
+        return Completed(row.result), row
+    if row.state != "running":
+        return Skipped(row.state), row
+    if row.merge_attempts - 1 >= MAX_DELIVERIES:
+        lost = row.merge_attempts - 1
+        return Failed(
+            f"the merge was delivered {lost} times without finishing (each time its worker was"
+            " lost); moved to the dead-letter queue",
+            dead_letter=True,
+        ), row
+    errors = sorted({s.error for s in shards if s.outcome == "failed" and s.error})
+    if errors:
+        return Failed("; ".join(errors)), row
+    if any(s.outcome is None for s in shards):
+        return Failed("the merge ran before every shard had finished"), row
+    merge = Merge(job, row, [ShardFindings.model_validate(s.result or {}) for s in shards])
+    if row.cancel_requested or any(s.outcome == "cancelled" for s in shards):
+        return Cancelled(merge.result("revoked")), row
+    try:
+        async with asyncio.timeout(delivery.work_deadline.remaining):
+            stopped = await run_watched(
+                merge.identify(), lambda: store.should_stop(job.scan_id), f"merge {job.scan_id}"
+            )
+    except TimeoutError:
+        return Failed(f"the merge exceeded its time limit ({delivery.soft:g} s)"), row
+    return (Cancelled(merge.result("revoked")) if stopped else Completed(merge.result())), row
+
+
+class Merge:
+    """One result from the shards' findings; services identified unless cancelled first."""
+
+    def __init__(self, job: ScanTaskPayload, row: ScanRow, shards: list[ShardFindings]) -> None:
+        self.job = job
+        self.addresses = list(row.addresses)
+        self.started = row.started_at or datetime.now(UTC)
+        self.shards = shards
+        found: dict[str, set[tuple[int, str]]] = {}
+        for shard in shards:
+            for address, port, reason in shard.open:
+                found.setdefault(address, set()).add((port, reason))
+        self.found = {address: sorted(ports) for address, ports in sorted(found.items())}
+        self.services: dict[str, dict[int, ServiceInfo]] = {}
+
+    async def identify(self) -> None:
+        if not self.job.config.service_detection:
+            return
+        for address, found in self.found.items():
+            ports = [p for p, _ in found]
+            self.services[address] = await identify_services(address, ports, self.job.config)
+
+    def result(self, status: Literal["completed", "revoked"] = "completed") -> ScanResult:
+        open_ports: list[PortResult] = []
+        for address, found in self.found.items():
+            services = self.services.get(address, {})
+            open_ports += [port_result(address, p, r, services.get(p)) for p, r in found]
+        scanned = sum(s.scanned for s in self.shards)
+        total = len(parse_port_spec(self.job.ports)) * len(self.addresses)
+        finished = datetime.now(UTC)
+        cancelled = status == "revoked"
+        return ScanResult(
+            scan_id=self.job.scan_id,
+            target=self.job.target,
+            addresses=self.addresses,
+            ports=self.job.ports,
+            total_ports_scanned=scanned,
+            open_ports=open_ports,
+            closed_ports=sum(s.closed for s in self.shards),
+            filtered_ports=sum(s.filtered for s in self.shards),
+            status=status,
+            progress=min(99, scanned * 100 // max(1, total)) if cancelled else 100,
+            started_at=self.started,
+            finished_at=finished,
+            duration_seconds=round((finished - self.started).total_seconds(), 6),
+            shards=len(self.shards),
+        )

@@ -8,6 +8,7 @@ from uuid import UUID
 from starlette.requests import Request
 
 from api_service.errors import ApiError
+from api_service.errors import db_unavailable as db_unavailable  # where handlers find it
 from shared.logging import bind_scan
 
 if TYPE_CHECKING:
@@ -19,8 +20,15 @@ def services(request: Request) -> Services:
     return svc
 
 
+SIGNED_IN_KEY = "cybersec.signed_in_key"
+"""Scope entry the dashboard sets, after checking its session, when it calls a route."""
+
+
 async def caller(request: Request) -> UUID:
     """The id of the API key the request carries; 401 without a valid one."""
+    signed_in = request.scope.get(SIGNED_IN_KEY)
+    if isinstance(signed_in, UUID):
+        return signed_in
     return await services(request).auth.authenticate(request)
 
 
@@ -32,7 +40,3 @@ def task_id_param(request: Request) -> UUID:
         raise ApiError(404, f"no scan with task id {raw}") from None
     bind_scan(task_id=task_id)
     return task_id
-
-
-def db_unavailable() -> ApiError:
-    return ApiError(503, "database unavailable", headers={"Retry-After": "5"})

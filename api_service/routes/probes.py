@@ -9,7 +9,7 @@ from starlette.routing import Route
 
 from api_service.responses import ORJSONResponse
 from api_service.routes.common import services
-from api_service.status import DB_ERRORS
+from shared.retry import DATABASE_ERRORS as DB_ERRORS
 
 
 async def healthz(_request: Request) -> Response:

@@ -10,9 +10,9 @@ from starlette.routing import Route
 
 from api_service.errors import ApiError
 from api_service.routes.common import caller, db_unavailable, services, task_id_param
-from api_service.status import DB_ERRORS
 from shared.diff import diff_results
 from shared.exports import EXPORT_FORMATS, FILE_EXTENSIONS, MEDIA_TYPES, render
+from shared.retry import DATABASE_ERRORS as DB_ERRORS
 from shared.store import ScanRow
 
 

@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import logging
 from datetime import UTC, datetime
+from typing import get_args
 from uuid import UUID, uuid4
 
 from starlette.requests import Request
@@ -14,7 +15,6 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from api_service.errors import ApiError
-from api_service.events import scan_event_stream
 from api_service.publisher import PublishFailed
 from api_service.requests import ParsedScan, read_json, validate_model
 from api_service.responses import ORJSONResponse
@@ -24,28 +24,28 @@ from api_service.routes.common import (
     services,
     task_id_param,
 )
-from api_service.status import DB_ERRORS
 from shared.errors import ResolutionFailed, TargetDenied
 from shared.logging import bind_scan
-from shared.protocol import build_scan_message, time_limits
-from shared.redis_keys import events_key
+from shared.protocol import build_scan_message
 from shared.resolve import resolve_target
+from shared.retry import DATABASE_ERRORS as DB_ERRORS
 from shared.schemas import (
     ScanAccepted,
     ScanCached,
     ScanPage,
     ScanRequest,
+    ScanState,
     ScanStatus,
     ScanSummary,
     ScanTaskPayload,
 )
-from shared.store import ScanRow
+from shared.store import ScanListing
 from shared.targets import MAX_HOSTS_LIMIT, TargetError, parse_target
 
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 255
-SCAN_STATES = ("queued", "running", "completed", "failed", "revoked")
+SCAN_STATES = get_args(ScanState)
 
 
 def accepted_response(
@@ -88,11 +88,21 @@ async def replay(
     return accepted_response(row.task_id, row.id, row.target, row.priority, ports, replayed=True)
 
 
+async def _parse(request: Request, owner: UUID) -> ParsedScan:
+    """The request, parsed before any lookup or write; a refusal counts against the rate."""
+    svc = services(request)
+    try:
+        data = await read_json(request, svc.settings.max_request_bytes)
+        return ParsedScan(validate_model(ScanRequest, data), svc.settings)
+    except ApiError:
+        await svc.limiter.charge(owner)
+        raise
+
+
 async def submit_scan(request: Request) -> Response:
     svc = services(request)
     owner = await caller(request)
-    data = await read_json(request, svc.settings.max_request_bytes)
-    parsed = ParsedScan(validate_model(ScanRequest, data), svc.settings)
+    parsed = await _parse(request, owner)
     scan = parsed.scan
     # Both keys are computed only when used: each is a model dump and a hash per request.
     fingerprint = b""
@@ -101,7 +111,7 @@ async def submit_scan(request: Request) -> Response:
         if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
             raise ApiError(422, "Idempotency-Key must be 1-255 characters", field="Idempotency-Key")
         fingerprint = parsed.fingerprint()
-        earlier = await replay(request, owner, idempotency_key, fingerprint, len(parsed.ports))
+        earlier = await replay(request, owner, idempotency_key, fingerprint, parsed.port_count)
         if earlier is not None:
             return earlier
 
@@ -112,13 +122,6 @@ async def submit_scan(request: Request) -> Response:
         if cached is not None:
             return cached
 
-    try:
-        await resolve_target(parsed.target, svc.policy, timeout=svc.settings.resolve_timeout)
-    except TargetDenied as exc:
-        raise ApiError(403, str(exc), code="target_denied", field="target") from None
-    except ResolutionFailed as exc:
-        raise ApiError(422, str(exc), code="unresolvable_target", field="target") from None
-
     scan_id, task_id = uuid4(), uuid4()
     bind_scan(scan_id=scan_id, task_id=task_id)
     payload = ScanTaskPayload(
@@ -128,10 +131,33 @@ async def submit_scan(request: Request) -> Response:
         config=scan.config,
         priority=scan.priority,
     )
-    hard_limit, _soft = time_limits(
-        payload, len(parsed.ports), parsed.hosts, cap=svc.settings.max_scan_seconds
-    )
-    await svc.limiter.admit(owner, task_id, scan_id, hard_limit)
+    if scan.priority == "critical":
+        await svc.limiter.admit_critical(owner)
+    # Admitted (and counted) before the lookup: a host name costs a resolution, so it costs
+    # the key a submission whether or not it is then refused.
+    # The slot lives while the scan is queued (up to result_ttl); its worker counts the hard
+    # limit from the scan's start (EventLog.hold_slot), so a long queue never frees it early.
+    await svc.limiter.admit(owner, task_id, scan_id, svc.settings.result_ttl)
+    try:
+        await resolve_target(
+            parsed.target,
+            svc.policy,
+            timeout=svc.settings.resolve_timeout,
+            lookups=svc.lookups,
+        )
+    except TargetDenied:
+        await svc.limiter.release(owner, task_id)
+        # Neither the address a name resolved to nor the rule that matched: both would map
+        # the inside of the network for whoever asks.
+        raise ApiError(
+            403,
+            f"{scan.target} is not allowed by the target policy",
+            code="target_denied",
+            field="target",
+        ) from None
+    except ResolutionFailed as exc:
+        await svc.limiter.release(owner, task_id)
+        raise ApiError(422, str(exc), code="unresolvable_target", field="target") from None
     try:
         inserted = await svc.store.insert(
             scan_id=scan_id,
@@ -153,14 +179,14 @@ async def submit_scan(request: Request) -> Response:
         # A concurrent request with the same Idempotency-Key won the insert.
         await svc.limiter.release(owner, task_id)
         assert idempotency_key is not None
-        earlier = await replay(request, owner, idempotency_key, fingerprint, len(parsed.ports))
+        earlier = await replay(request, owner, idempotency_key, fingerprint, parsed.port_count)
         assert earlier is not None
         return earlier
 
     message = build_scan_message(
         task_id,
         payload,
-        port_count=len(parsed.ports),
+        port_count=parsed.port_count,
         host_count=parsed.hosts,
         max_seconds=svc.settings.max_scan_seconds,
     )
@@ -172,7 +198,7 @@ async def submit_scan(request: Request) -> Response:
         # message finds no row and drops it.
         await _forget(request, owner, scan_id, task_id)
         raise ApiError(503, "broker unavailable", headers={"Retry-After": "5"}) from None
-    return accepted_response(task_id, scan_id, scan.target, scan.priority, len(parsed.ports))
+    return accepted_response(task_id, scan_id, scan.target, scan.priority, parsed.port_count)
 
 
 async def _cached(request: Request, owner: UUID, cache_key: bytes) -> Response | None:
@@ -211,7 +237,7 @@ async def scan_status(request: Request) -> Response:
     return ORJSONResponse(status.model_dump(mode="json", exclude_none=True))
 
 
-def _encode_cursor(row: ScanRow) -> str:
+def _encode_cursor(row: ScanListing) -> str:
     raw = f"{row.created_at.isoformat()}|{row.id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -232,7 +258,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, UUID]:
 async def list_scans(request: Request) -> Response:
     owner = await caller(request)
     query = request.query_params
-    unknown = set(query) - {"limit", "cursor", "state", "target"}
+    unknown = set(query) - {"limit", "cursor", "state", "target", "schedule_id"}
     if unknown:
         name = sorted(unknown)[0]
         raise ApiError(422, f"{name}: unknown query parameter", field=name)
@@ -252,6 +278,7 @@ async def list_scans(request: Request) -> Response:
             target = parse_target(target, max_hosts=MAX_HOSTS_LIMIT).value
         except TargetError as exc:
             raise ApiError(422, f"target: {exc}", field="target") from None
+    schedule_id = _schedule_filter(query.get("schedule_id"))
     limit = int(limit_text)
     try:
         rows = await services(request).store.list(
@@ -260,6 +287,7 @@ async def list_scans(request: Request) -> Response:
             before=before,
             state=state,  # type: ignore[arg-type]
             target=target,
+            schedule_id=schedule_id,
         )
     except DB_ERRORS:
         raise db_unavailable() from None
@@ -270,7 +298,16 @@ async def list_scans(request: Request) -> Response:
     return ORJSONResponse(page.model_dump(mode="json"))
 
 
-def summary(row: ScanRow) -> ScanSummary:
+def _schedule_filter(text: str | None) -> UUID | None:
+    if text is None:
+        return None
+    try:
+        return UUID(text)
+    except ValueError:
+        raise ApiError(422, "schedule_id must be a schedule's id", field="schedule_id") from None
+
+
+def summary(row: ScanListing) -> ScanSummary:
     return ScanSummary(
         task_id=row.task_id,
         scan_id=row.id,
@@ -280,7 +317,7 @@ def summary(row: ScanRow) -> ScanSummary:
         state=row.state,
         created_at=row.created_at,
         finished_at=row.finished_at,
-        open_ports=len(row.result.open_ports) if row.result is not None else None,
+        open_ports=row.open_port_count,
         error=row.error,
     )
 
@@ -319,12 +356,14 @@ async def scan_events(request: Request) -> Response:
     async def read_status() -> ScanStatus:
         return await svc.status.for_row(await svc.status.row(row.task_id, owner))
 
-    stream = scan_event_stream(
-        svc.redis,
-        events_key(svc.settings.redis_prefix, row.task_id),
+    stream = svc.streams.stream(
+        owner,
+        row.task_id,
         last_id,
         read_status,
         request.is_disconnected,
+        prefix=svc.settings.redis_prefix,
+        ended_already=row.state in ("completed", "failed", "revoked"),
     )
     return StreamingResponse(
         stream,

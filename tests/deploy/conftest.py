@@ -35,6 +35,14 @@ def load_settings(monkeypatch: pytest.MonkeyPatch, env: Mapping[str, str]) -> Se
     return Settings()
 
 
+REAL_PASSWORD = "9Lq2v-a-real-password"  # noqa: S105 - what a test fills in
+
+
+def real_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with the shipped placeholder password replaced, as an operator would."""
+    return {name: value.replace("change-me", REAL_PASSWORD) for name, value in env.items()}
+
+
 def heartbeat_probe_exit_codes(command: Sequence[str], tmp_path: Path) -> tuple[int, int, int]:
     """Run a heartbeat probe command (``python -c ...``) against a fresh, a stale and a missing
     heartbeat file; return the three exit codes."""

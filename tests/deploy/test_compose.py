@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from shared.errors import TargetDenied
+from shared.policy import TargetPolicy
 
 from .conftest import (
     DEPLOY,
@@ -17,8 +21,8 @@ from .conftest import (
     load_settings,
 )
 
-OURS = ("migrate", "api", "worker")
-LONG_RUNNING = ("rabbitmq", "redis", "postgres", "api", "worker", "flower")
+OURS = ("migrate", "api", "worker", "dispatcher")
+LONG_RUNNING = ("rabbitmq", "redis", "postgres", "api", "worker", "dispatcher", "flower")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +79,7 @@ def test_long_running_services_have_healthchecks(services: dict[str, Any], name:
 def test_start_order_waits_for_health_and_migrations(services: dict[str, Any]) -> None:
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert services["migrate"]["command"] == ["cybersec", "migrate"]
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "dispatcher"):
         depends_on = services[name]["depends_on"]
         assert depends_on["migrate"] == {"condition": "service_completed_successfully"}
         for backend in ("rabbitmq", "redis", "postgres"):
@@ -112,3 +116,16 @@ def test_our_containers_run_unprivileged(services: dict[str, Any]) -> None:
 def test_no_unescaped_interpolation() -> None:
     text = (DEPLOY / "docker-compose.yml").read_text()
     assert re.search(r"(?<!\$)\$(?!\$)", text) is None, "compose would interpolate a bare $"
+
+
+def test_the_stack_never_scans_its_own_network(services: dict[str, Any]) -> None:
+    """Before, a scan from compose could reach RabbitMQ, Redis and PostgreSQL by address."""
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    [subnet] = [c["subnet"] for c in compose["networks"]["default"]["ipam"]["config"]]
+    for name in ("api", "worker"):
+        deny = services[name]["environment"]["CYBERSEC_TARGET_DENY"].split(",")
+        assert subnet in deny
+        policy = TargetPolicy(deny=deny, own=())
+        for address in list(ipaddress.ip_network(subnet).hosts())[:4]:
+            with pytest.raises(TargetDenied):
+                policy.check_address(str(address))

@@ -14,6 +14,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from .conftest import (
     API_ONLY_ENV,
@@ -22,6 +23,7 @@ from .conftest import (
     URL_ENV,
     heartbeat_probe_exit_codes,
     load_settings,
+    real_secrets,
 )
 
 KUBE_VERSION = "1.30.0"
@@ -227,7 +229,7 @@ def test_schema_rejects_bad_values(values: Obj) -> None:
 # --- settings reach both services ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("component", ["api", "worker"])
+@pytest.mark.parametrize("component", ["api", "worker", "dispatcher"])
 def test_every_setting_is_provided(rendered: Rendered, component: str) -> None:
     expected = SETTINGS_ENV if component == "api" else SETTINGS_ENV - API_ONLY_ENV
     names = {name for name in rendered.env_names(component) if name.startswith("CYBERSEC_")}
@@ -246,7 +248,13 @@ def test_every_setting_is_provided(rendered: Rendered, component: str) -> None:
 def test_rendered_environment_parses_as_settings(
     rendered: Rendered, component: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = load_settings(monkeypatch, rendered.container_env(component))
+    env = rendered.container_env(component)
+    if any("change-me" in value for value in env.values()):
+        # The chart's placeholder passwords are refused in production, as they must be.
+        with pytest.raises(ValidationError, match="placeholder"):
+            load_settings(monkeypatch, env)
+        env = real_secrets(env)
+    settings = load_settings(monkeypatch, env)
     values = rendered.values
     assert settings.queue_prefix == values["config"]["queuePrefix"]
     assert settings.shutdown_timeout == values["worker"]["shutdownTimeout"]
@@ -257,8 +265,9 @@ def test_rendered_environment_parses_as_settings(
     else:
         assert ports == {"metrics": settings.metrics_port}
     if not values["secrets"]["existingSecret"]:
-        assert settings.broker_url == values["secrets"]["brokerUrl"]
-        assert settings.database_url == values["secrets"]["databaseUrl"]
+        secrets = real_secrets({name: str(v) for name, v in values["secrets"].items()})
+        assert settings.broker_url == secrets["brokerUrl"]
+        assert settings.database_url == secrets["databaseUrl"]
 
 
 def test_large_numbers_reach_the_environment_as_integers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -266,7 +275,7 @@ def test_large_numbers_reach_the_environment_as_integers(monkeypatch: pytest.Mon
     env = rendered.container_env("worker")
     assert env["CYBERSEC_RESULT_TTL"] == "2592000"
     assert env["CYBERSEC_MAX_HOSTS"] == "65536"
-    settings = load_settings(monkeypatch, env)
+    settings = load_settings(monkeypatch, real_secrets(env))
     assert (settings.result_ttl, settings.max_hosts) == (2_592_000, 65_536)
 
 
@@ -276,7 +285,7 @@ def test_large_numbers_reach_the_environment_as_integers(monkeypatch: pytest.Mon
 def test_keda_scales_workers_on_the_queue_they_consume(monkeypatch: pytest.MonkeyPatch) -> None:
     rendered = render_case("keda-values.yaml")
     scaling = rendered.values["worker"]["autoscaling"]
-    worker_settings = load_settings(monkeypatch, rendered.container_env("worker"))
+    worker_settings = load_settings(monkeypatch, real_secrets(rendered.container_env("worker")))
     scaled_object = rendered.get("ScaledObject", f"{FULLNAME}-worker")
     spec = scaled_object["spec"]
     assert spec["scaleTargetRef"] == {
@@ -376,7 +385,7 @@ def pod_specs(rendered: Rendered) -> list[Obj]:
 
 def test_nothing_runs_as_root(rendered: Rendered) -> None:
     specs = pod_specs(rendered)
-    assert len(specs) == 3
+    assert len(specs) == 4  # api, worker, dispatcher, migrations
     for spec in specs:
         pod = spec["securityContext"]
         assert pod["runAsNonRoot"] is True
@@ -461,9 +470,38 @@ def test_ingress_with_class_and_tls() -> None:
     assert spec["tls"] == [{"secretName": "scan-example-com-tls", "hosts": ["scan.example.com"]}]
     [rule] = spec["rules"]
     assert rule["host"] == "scan.example.com"
-    [path] = rule["http"]["paths"]
-    assert path["backend"]["service"] == {"name": f"{FULLNAME}-api", "port": {"name": "http"}}
+    paths = rule["http"]["paths"]
+    assert [(p["path"], p["pathType"]) for p in paths] == PUBLIC_PATHS
+    for path in paths:
+        assert path["backend"]["service"] == {"name": f"{FULLNAME}-api", "port": {"name": "http"}}
     assert render_case("defaults").all("Ingress") == []
+
+
+PUBLIC_PATHS = [
+    ("/api", "Prefix"),
+    ("/healthz", "Exact"),
+    ("/readyz", "Exact"),
+    ("/ui", "Prefix"),
+    ("/", "Exact"),
+]
+
+
+@pytest.mark.parametrize(
+    ("expose", "extra"),
+    [
+        ({}, []),
+        ({"exposeDocs": True}, [("/docs", "Prefix"), ("/openapi.json", "Exact")]),
+        ({"exposeMetrics": True}, [("/metrics", "Exact")]),
+    ],
+)
+def test_ingress_routes_docs_and_metrics_only_when_asked(
+    expose: Obj, extra: list[tuple[str, str]]
+) -> None:
+    """Before, the default path "/" published /metrics and /docs to the internet."""
+    ingress = {"enabled": True, "hosts": [{"host": "scan.example.com"}], **expose}
+    rendered = render({"api": {"ingress": ingress}})
+    [rule] = rendered.get("Ingress", f"{FULLNAME}-api")["spec"]["rules"]
+    assert [(p["path"], p["pathType"]) for p in rule["http"]["paths"]] == PUBLIC_PATHS + extra
 
 
 def test_disruption_budgets_cover_both_deployments(rendered: Rendered) -> None:
@@ -474,7 +512,7 @@ def test_disruption_budgets_cover_both_deployments(rendered: Rendered) -> None:
         assert pdb["spec"]["maxUnavailable"] >= 1
 
 
-def test_network_policies_restrict_ingress_only(rendered: Rendered) -> None:
+def test_network_policies_restrict_ingress_and_worker_egress(rendered: Rendered) -> None:
     policies = rendered.all("NetworkPolicy")
     if not rendered.values["networkPolicy"]["enabled"]:
         assert policies == []
@@ -482,13 +520,41 @@ def test_network_policies_restrict_ingress_only(rendered: Rendered) -> None:
     ports = {"api": "http", "worker": "metrics"}
     for component, port in ports.items():
         policy = rendered.get("NetworkPolicy", f"{FULLNAME}-{component}")
-        # No Egress policy type: workers must reach arbitrary scan targets.
-        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        expected = ["Ingress", "Egress"] if component == "worker" else ["Ingress"]
+        assert policy["spec"]["policyTypes"] == expected
         labels = rendered.deployment(component)["spec"]["template"]["metadata"]["labels"]
         assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
         for rule in policy["spec"]["ingress"]:
             assert rule["from"], "a rule without sources would admit everyone"
             assert rule["ports"] == [{"port": port, "protocol": "TCP"}]
+
+
+def test_worker_egress_excludes_the_cluster_metadata_and_the_api_server() -> None:
+    rendered = render({"workerEgress": {"kubernetesApi": ["172.18.0.2/32"]}})
+    values = rendered.values
+    egress = rendered.get("NetworkPolicy", f"{FULLNAME}-worker")["spec"]["egress"]
+    targets, dns, *services = egress
+    v4, v6 = (peer["ipBlock"] for peer in targets["to"])
+    assert "ports" not in targets  # scan targets: any port
+    assert v4["cidr"] == "0.0.0.0/0"
+    assert v6["cidr"] == "::/0"
+    for cidr in [*values["config"]["targetDeny"], "169.254.0.0/16", "100.100.100.200/32"]:
+        assert cidr in v4["except"]
+    assert "172.18.0.2/32" in v4["except"]
+    assert {"fe80::/10", "fd00:ec2::254/128"} <= set(v6["except"])
+    assert {p["port"] for p in dns["ports"]} == {53}
+    # Inside the excluded networks the stack's services are reachable on their ports only.
+    assert [[p["port"] for p in rule["ports"]] for rule in services] == [[5672], [6379], [5432]]
+    assert all(rule["to"] for rule in services)
+
+
+def test_an_empty_target_deny_needs_an_acknowledgement() -> None:
+    with pytest.raises(Exception, match="acknowledgeOpenInward"):
+        render({"config": {"targetDeny": []}})
+    rendered = render(
+        {"config": {"targetDeny": []}, "targetPolicy": {"acknowledgeOpenInward": True}}
+    )
+    assert rendered.container_env("worker").get("CYBERSEC_TARGET_DENY", "") == ""
 
 
 def test_api_admits_nobody_when_no_source_is_listed() -> None:
@@ -505,3 +571,33 @@ def test_prometheus_finds_both_services(rendered: Rendered) -> None:
         assert annotations["prometheus.io/path"] == "/metrics"
         assert annotations["prometheus.io/port"] == str(rendered.values[component][port_key])
     assert rendered.container("worker")["ports"][0]["name"] == "metrics"
+
+
+def test_two_dispatchers_run_the_schedules(rendered: Rendered, tmp_path: Path) -> None:
+    assert rendered.deployment("dispatcher")["spec"]["replicas"] == 2
+    container = rendered.container("dispatcher")
+    assert container["args"] == ["python", "-m", "api_service.dispatcher"]
+    assert "ports" not in container
+    assert "CYBERSEC_API_KEYS" not in {var["name"] for var in container["env"]}
+    heartbeat = rendered.container_env("dispatcher")["CYBERSEC_DISPATCHER_HEARTBEAT_FILE"]
+    assert heartbeat.startswith("/tmp/")  # noqa: S108 - the emptyDir; the root fs is read-only
+    command = container["livenessProbe"]["exec"]["command"]
+    assert container["startupProbe"]["exec"]["command"] == command
+    # The shared probe runner sets the worker's variable; the dispatcher's probe reads its own.
+    probe = [part.replace("CYBERSEC_DISPATCHER_", "CYBERSEC_") for part in command]
+    assert heartbeat_probe_exit_codes(probe, tmp_path) == (0, 1, 1)
+
+
+def test_the_dispatcher_can_be_left_out() -> None:
+    assert (
+        render({"dispatcher": {"enabled": False}}).maybe("Deployment", f"{FULLNAME}-dispatcher")
+        is None
+    )
+
+
+def test_the_dashboard_stays_private_when_asked() -> None:
+    ingress = {"enabled": True, "hosts": [{"host": "scan.example.com"}], "exposeUi": False}
+    rendered = render({"api": {"ingress": ingress}})
+    [rule] = rendered.get("Ingress", f"{FULLNAME}-api")["spec"]["rules"]
+    paths = [p["path"] for p in rule["http"]["paths"]]
+    assert paths == ["/api", "/healthz", "/readyz"]

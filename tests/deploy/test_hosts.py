@@ -7,13 +7,19 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+import yaml
+from pydantic import ValidationError
 
+from shared.settings import is_placeholder
 from tests import needs
 
 from .conftest import (
     DEPLOY,
+    REAL_PASSWORD,
+    ROOT,
     SETTINGS_ENV,
     SHUTDOWN_BOUND_DEFAULT,
     URL_ENV,
@@ -62,11 +68,51 @@ def test_env_example_holds_only_settings(monkeypatch: pytest.MonkeyPatch) -> Non
     assert set(env) >= URL_ENV
     # The worker unit sets it; EnvironmentFile= would override the unit's Environment=.
     assert "CYBERSEC_HEARTBEAT_FILE" not in env
-    settings = load_settings(monkeypatch, env)
+    # As shipped, the example is refused: its passwords and keys are placeholders.
+    with pytest.raises(ValidationError, match="placeholder"):
+        load_settings(monkeypatch, env)
+    filled = {name: _fill_in(value) for name, value in env.items()}
+    settings = load_settings(monkeypatch, filled)
     assert settings.environment == "production"
 
 
-@pytest.mark.parametrize("name", ["api", "worker"])
+def _fill_in(value: str) -> str:
+    """What an operator writes over the example's placeholders."""
+    value = value.replace("change-me", REAL_PASSWORD)
+    if value.startswith("replace-with"):
+        return ",".join(f"cs_{'x' * 30}{n}" for n in range(2))
+    return value
+
+
+def example_secrets() -> list[str]:
+    """Every password and API key shipped in the env example, compose and the chart values."""
+    found: list[str] = []
+    env = env_example()
+    found += env["CYBERSEC_API_KEYS"].split(",")
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    chart = yaml.safe_load((ROOT / "helm" / "cybersec-scan" / "values.yaml").read_text())
+    urls = [value for name, value in env.items() if name.endswith("_URL")]
+    for service in compose["services"].values():
+        environment = service.get("environment") or {}
+        if isinstance(environment, dict):
+            urls += [str(v) for k, v in environment.items() if k.endswith("_URL")]
+            found += [
+                str(v) for k, v in environment.items() if "PASSWORD" in k or k.endswith("KEYS")
+            ]
+        urls += [arg.partition("=")[2] for arg in service.get("command") or [] if "://" in arg]
+    urls += [str(value) for name, value in chart["secrets"].items() if name.endswith("Url")]
+    found += [str(key) for key in chart["secrets"]["apiKeys"]]
+    found += [urlsplit(url).password or "" for url in urls]
+    return [secret for secret in found if secret]
+
+
+def test_every_shipped_secret_is_refused_in_production() -> None:
+    secrets = example_secrets()
+    assert {"change-me", "replace-with-a-long-random-key-1"} <= set(secrets)
+    assert [s for s in secrets if not is_placeholder(s)] == []
+
+
+@pytest.mark.parametrize("name", ["api", "worker", "dispatcher"])
 def test_service_units(name: str) -> None:
     service = parse_unit(UNITS / f"cybersec-{name}.service")["Service"]
 
@@ -77,7 +123,8 @@ def test_service_units(name: str) -> None:
     assert one("Type") in {"exec", "simple"}
     assert one("EnvironmentFile") == ENV_FILE
     assert one("User") == "cybersec"
-    assert one("ExecStart").endswith(f"/bin/python -m {SERVICES[name]}")
+    module = {**SERVICES, "dispatcher": "api_service.dispatcher"}[name]
+    assert one("ExecStart").endswith(f"/bin/python -m {module}")
     assert one("KillSignal") == "SIGTERM"
     # SIGTERM to the main process only: Celery's pool processes must not die under their scans.
     assert one("KillMode") == "mixed"

@@ -55,6 +55,10 @@ ROUTES = [
     ("GET", "/api/scan/00000000-0000-0000-0000-000000000000"),
     ("DELETE", "/api/scan/00000000-0000-0000-0000-000000000000"),
     ("GET", "/api/scan/00000000-0000-0000-0000-000000000000/events"),
+    ("GET", "/api/scan/00000000-0000-0000-0000-000000000000/result"),
+    ("GET", "/api/scan/00000000-0000-0000-0000-000000000000/result?format=csv"),
+    ("GET", "/api/scan/00000000-0000-0000-0000-000000000000/diff"),
+    ("GET", "/api/scan/00000000-0000-0000-0000-000000000000/diff?against=previous"),
 ]
 
 
@@ -90,6 +94,31 @@ def test_probes_and_docs_need_no_key(api: str) -> None:
     page = httpx.get(f"{api}/docs")
     assert page.status_code == 200
     assert "/openapi.json" in page.text
+
+
+def test_docs_load_only_pinned_checked_assets_under_a_csp(api: str) -> None:
+    """Before: Swagger UI from a floating CDN path (@5), no integrity digest, no CSP."""
+    import re
+
+    page = httpx.get(f"{api}/docs")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy
+    assert "frame-ancestors 'none'" in policy
+    script_src = next(p for p in policy.split(";") if p.strip().startswith("script-src"))
+    assert "'unsafe-inline'" not in script_src
+    assert page.headers["x-content-type-options"] == "nosniff"
+    tags = re.findall(r"<(?:script|link)\b[^>]*>", page.text)
+    external = [tag for tag in tags if "https://" in tag]
+    assert len(external) == 2, tags
+    for tag in external:
+        assert re.search(r'integrity="sha384-[A-Za-z0-9+/=]{64}"', tag), tag
+        assert 'crossorigin="anonymous"' in tag
+        assert re.search(r"@\d+\.\d+\.\d+/", tag), f"not pinned to one release: {tag}"
+    # No inline script: every <script> has a src.
+    assert all("src=" in tag for tag in tags if tag.startswith("<script"))
+    init = httpx.get(f"{api}/docs/init.js")
+    assert init.status_code == 200
+    assert init.headers["content-type"].startswith("text/javascript")
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -157,6 +186,26 @@ def test_a_key_sees_only_its_own_scans(
     assert wait_final(client, task_id)["state"] == "SUCCESS"
     mine = client.get("/api/scans", params={"limit": 200}).json()["items"]
     assert task_id in {item["task_id"] for item in mine}
+
+    # The finished scan's result and diff are the owner's alone, in every format.
+    with httpx.Client(base_url=api, headers=auth(other_api_key), timeout=10) as other:
+        own_task = submit(other, ports="1-3").json()["task_id"]
+        assert wait_final(other, own_task)["state"] == "SUCCESS"
+        for path in [
+            f"/api/scan/{task_id}/result",
+            f"/api/scan/{task_id}/result?format=csv",
+            f"/api/scan/{task_id}/result?format=nmap-xml",
+            f"/api/scan/{task_id}/diff",
+            f"/api/scan/{task_id}/diff?against={own_task}",
+            # Its own scan compared against another key's: the other one is not found.
+            f"/api/scan/{own_task}/diff?against={task_id}",
+        ]:
+            answer = other.get(path)
+            assert answer.status_code == 404, (path, answer.text)
+            assert answer.json()["error"]["code"] == "not_found"
+        assert other.get(f"/api/scan/{own_task}/result").status_code == 200
+    assert client.get(f"/api/scan/{task_id}/result").status_code == 200
+    assert client.get(f"/api/scan/{task_id}/diff?against={own_task}").status_code == 404
 
 
 # --- limits ----------------------------------------------------------------------------------

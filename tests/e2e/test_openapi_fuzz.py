@@ -45,13 +45,27 @@ OPERATIONS = [
     "GET /api/scan/{task_id}/diff",
     "GET /healthz",
     "GET /readyz",
+    "GET /api/schedules",
+    "POST /api/schedules",
+    "GET /api/schedules/{schedule_id}",
+    "PATCH /api/schedules/{schedule_id}",
+    "DELETE /api/schedules/{schedule_id}",
+    "POST /api/schedules/{schedule_id}/run",
+    "GET /api/webhooks",
+    "GET /api/webhooks/{webhook_id}",
+    "DELETE /api/webhooks/{webhook_id}",
+    "GET /api/webhooks/{webhook_id}/deliveries",
+    "POST /api/webhooks/{webhook_id}/deliveries/{message_id}/redeliver",
 ]
+NOT_FUZZED = {"POST /api/webhooks"}
+"""Its URLs are resolved when registered: fuzzed host names would be looked up in the real DNS.
+tests/e2e/test_schedules_webhooks.py and tests/unit/test_webhook_urls.py cover it."""
 
 
 def test_every_operation_is_fuzzed(fuzz_api: str) -> None:
     loaded = schemathesis.openapi.from_url(f"{fuzz_api}/openapi.json")
     labels = {result.ok().label for result in loaded.get_all_operations()}  # type: ignore[union-attr]
-    assert labels == set(OPERATIONS)
+    assert labels == set(OPERATIONS) | NOT_FUZZED
 
 
 WITHOUT_INPUT = {"GET /healthz", "GET /readyz"}

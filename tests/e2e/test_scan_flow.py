@@ -170,3 +170,45 @@ async def test_a_finished_scan_ends_its_stream_and_frees_its_slot_with_its_succe
     assert seen[-1] == (True, True, True), seen
     assert all(state in {(False, False, False), (True, True, True)} for state in seen), seen
     assert orjson.loads(last[0][1][b"data"]) == {"state": "SUCCESS"}
+
+
+async def test_a_running_scan_holds_its_slot_from_its_start_not_its_submission(
+    aclient: httpx.AsyncClient,
+    worker: object,
+    settings: Settings,
+    store: ScanStore,
+    redis_client: aioredis.Redis,
+    silent_port: int,
+) -> None:
+    """The gateway's slot lives as long as a scan may wait in the queue (result_ttl); once a
+    worker starts the scan, it counts from the start, bounded by the time the scan may take.
+    Before, it counted from the submission, so a long queue freed slots of scans yet to run."""
+    response = await aclient.post(
+        "/api/scan",
+        json={"target": "127.0.0.1", "ports": str(silent_port), "config": {"timeout": 2.0}},
+    )
+    assert response.status_code == 202, response.text
+    task_id = response.json()["task_id"]
+    row = await store.get_by_task(UUID(task_id))
+    assert row is not None
+    assert row.api_key_id is not None
+    active = active_key(settings.redis_prefix, row.api_key_id)
+    scores: list[float] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        score = await redis_client.zscore(active, task_id)
+        if score is None:
+            break
+        left = score - time.time()
+        if not scores or abs(left - scores[-1]) > 1:
+            scores.append(left)
+        if left < settings.result_ttl / 2:
+            break
+        await asyncio.sleep(0.02)
+    assert scores, "the gateway took no slot"
+    if len(scores) > 1:  # seen while queued: held for as long as a scan may wait
+        assert scores[0] > settings.result_ttl / 2, scores
+    assert scores[-1] < settings.result_ttl / 2, scores  # renewed from the start
+    row = await store.get_by_task(UUID(task_id))
+    assert row is not None
+    assert row.state in ("running", "completed"), row.state

@@ -110,24 +110,37 @@ def test_sharded_scan_can_be_cancelled(
     assert final["result"]["total_ports_scanned"] < 201
 
 
-def test_cancel_after_the_shards_finished_still_revokes(
-    sharding_api: str, api_key: str, listeners: list[int]
+async def test_cancel_after_the_shards_finished_still_revokes(
+    sharding_api: str, api_key: str, listeners: list[int], store: ScanStore
 ) -> None:
-    """Shards of closed ports finish in milliseconds, before their first cancel check; the
-    merge, which would identify the open ports for up to 3 s, must honour the cancel."""
+    """Shards of closed ports finish in milliseconds; the merge, which would identify the open
+    ports for up to 3 s, must honour a cancel that came after them."""
     low = min(listeners) - 60
-    with httpx.Client(base_url=sharding_api, headers=auth(api_key), timeout=10) as client:
-        task_id = client.post(
-            "/api/scan",
-            json={"target": "127.0.0.1", "ports": f"{low}-{low + 199}", "config": {"timeout": 2.0}},
-        ).json()["task_id"]
+    async with httpx.AsyncClient(
+        base_url=sharding_api, headers=auth(api_key), timeout=10
+    ) as client:
+        accepted = (
+            await client.post(
+                "/api/scan",
+                json={
+                    "target": "127.0.0.1",
+                    "ports": f"{low}-{low + 199}",
+                    "config": {"timeout": 2.0},
+                },
+            )
+        ).json()
+        scan_id = UUID(accepted["scan_id"])
         deadline = time.monotonic() + 20
-        while client.get(f"/api/scan/{task_id}").json()["state"] not in ("STARTED", "PROGRESS"):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        cancelling = client.delete(f"/api/scan/{task_id}")
+        while True:
+            shards = await store.shards(scan_id)
+            if shards and all(s.outcome is not None for s in shards):
+                break
+            assert time.monotonic() < deadline, shards
+            await asyncio.sleep(0.02)
+        cancelling = await client.delete(f"/api/scan/{accepted['task_id']}")
         assert cancelling.status_code == 202, cancelling.text
-        final = follow(client, task_id, timeout=30)[-1]
+        states = await asyncio.to_thread(follow_sync, sharding_api, api_key, accepted["task_id"])
+    final = states[-1]
     assert final["state"] == "REVOKED", final
     result = final["result"]
     assert result["status"] == "revoked"

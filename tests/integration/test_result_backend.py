@@ -1,4 +1,4 @@
-"""A scan's last Redis writes ride on the SUCCESS Celery stores, against the real Redis."""
+"""A scan's last Redis writes go with its final state, in one transaction, on the real Redis."""
 
 from __future__ import annotations
 
@@ -94,15 +94,14 @@ class Monitor:
         return [i["command"] for i in self.seen if i["client_port"] == port]
 
 
-def test_success_carries_the_end_event_and_slot_release_in_one_transaction(
+def test_the_final_state_carries_the_end_event_and_slot_release_in_one_transaction(
     settings: Settings, client: redis.Redis
 ) -> None:
     backend = backend_for(settings)
     scan = Scan(settings, client)
     meta_key = result_key(settings.redis_prefix, scan.task_id)
     with Monitor(client) as monitor:
-        backend.ride(scan.task_id, scan.rider)
-        backend.store_result(scan.task_id, {"open_ports": []}, states.SUCCESS)
+        assert backend.finish(scan.task_id, states.SUCCESS, {"open_ports": []}, scan.rider)
     stored = [i for i in monitor.seen if i["command"].startswith(f"SET {meta_key} ")]
     assert len(stored) == 1
     assert stored[0]["command"].endswith(f" EX {settings.result_ttl}")
@@ -120,38 +119,23 @@ def test_success_carries_the_end_event_and_slot_release_in_one_transaction(
     assert scan.stored_state() == "SUCCESS"
     assert scan.ends() == [{"state": "SUCCESS"}]
     assert not scan.holds_slot()
-    backend.settle(scan.task_id, states.SUCCESS)  # already carried: nothing more is sent
-    assert scan.ends() == [{"state": "SUCCESS"}]
 
 
-def test_a_rider_the_success_could_not_carry_is_sent_at_settle(
+def test_a_failure_is_stored_with_its_reason_for_clients(
     settings: Settings, client: redis.Redis
 ) -> None:
     backend = backend_for(settings)
     scan = Scan(settings, client)
-    calls: list[str] = []
-
-    def dropped_once(pipe: Pipeline, state: str) -> None:
-        calls.append(state)
-        if len(calls) == 1:
-            raise redis.ConnectionError("connection dropped while writing")
-        scan.rider(pipe, state)
-
-    backend.ride(scan.task_id, dropped_once)
-    with pytest.raises(redis.ConnectionError):
-        backend.store_result(scan.task_id, {"open_ports": []}, states.SUCCESS)
-    assert calls == ["SUCCESS"]  # one attempt: a Redis that is away fails the store fast
-    assert scan.stored_state() is None
-    assert scan.holds_slot()
-
-    backend.settle(scan.task_id, states.FAILURE)
+    assert backend.finish(scan.task_id, states.FAILURE, "time limit exceeded (5 s)", scan.rider)
+    meta = orjson.loads(client.get(result_key(settings.redis_prefix, scan.task_id)) or b"{}")
+    assert meta["status"] == "FAILURE"
+    assert meta["result"]["exc_module"] == "shared.errors"
+    assert meta["result"]["exc_message"] == ["time limit exceeded (5 s)"]
     assert scan.ends() == [{"state": "FAILURE"}]
     assert not scan.holds_slot()
-    backend.settle(scan.task_id, states.FAILURE)
-    assert calls == ["SUCCESS", "FAILURE"]
 
 
-def test_settle_without_redis_logs_and_goes_on(
+def test_finish_without_redis_logs_and_goes_on(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     away = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
@@ -163,8 +147,7 @@ def test_settle_without_redis_logs_and_goes_on(
         sent.append(state)
         pipe.xadd(events_key(settings.redis_prefix, task_id), {"kind": "end"})
 
-    backend.ride(task_id, rider)
     with caplog.at_level(logging.WARNING, logger="worker_service.backend"):
-        backend.settle(task_id, states.SUCCESS)
-    assert sent == ["SUCCESS"]
-    assert f"task {task_id}: end event and slot release not written" in caplog.text
+        assert not backend.finish(task_id, states.SUCCESS, {"open_ports": []}, rider)
+    assert sent == ["SUCCESS"]  # one attempt: a Redis that is away fails the store fast
+    assert f"task {task_id}: final state and end event not written" in caplog.text

@@ -1,0 +1,1 @@
+"""Helpers the tests share (never fixtures: those live in conftest files)."""

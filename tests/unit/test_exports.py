@@ -462,3 +462,19 @@ def test_libnmap_reads_the_same_open_ports_from_nmap_and_from_us(
     assert open_set(to_nmap_xml(ours)) == open_set(run.stdout)
     theirs = NmapParser.parse_fromstring(run.stdout).hosts[0].get_service(closed)
     assert theirs.state == "closed"
+
+
+@pytest.mark.parametrize(
+    "banner",
+    ['x;=HYPERLINK("http://x","y")', "x\t+cmd|' /C calc'!A0", "a, @SUM(1)", "ok|-2+3"],
+)
+def test_csv_neutralises_a_formula_after_any_separator(banner: str) -> None:
+    """A spreadsheet splitting on ';' or tabs saw 'x;=HYPERLINK(..)' as a formula cell."""
+    result = make_result([open_port(25, service="smtp", banner=banner)])
+    text = to_csv(result).decode()
+    (row,) = csv.DictReader(io.StringIO(text, newline=""))
+    for separator in ";\t,|":
+        for cell in row["banner"].split(separator):
+            assert not cell.lstrip(" ").startswith(("=", "+", "-", "@")), row["banner"]
+    # Every cell is quoted, so no separator inside one splits it for a reader that honours quotes.
+    assert all(line.startswith('"') for line in text.splitlines()[1:])

@@ -8,8 +8,11 @@ from shared.ports import (
     LOW_TIER,
     TIERS,
     PortSpecError,
+    count_ports,
+    format_port_ranges,
     format_port_spec,
     order_by_tier,
+    parse_port_ranges,
     parse_port_spec,
     tier_of,
 )
@@ -65,3 +68,34 @@ def test_tiers_order_and_membership() -> None:
         ("low", [1, 12345]),
     ]
     assert order_by_tier([1000, 1001]) == [("low", [1000, 1001])]
+
+
+def test_overlapping_ranges_are_merged() -> None:
+    assert parse_port_ranges("80,1-10,5-20,21,443,79") == [(1, 21), (79, 80), (443, 443)]
+    assert count_ports(parse_port_ranges("1-65535,1-65535,22")) == 65_535
+    assert format_port_ranges(parse_port_ranges("22,21,23,80")) == "21-23,80"
+
+
+def test_a_spec_repeating_the_full_range_costs_its_length_not_its_ports() -> None:
+    """``"1-65535,"`` repeated to the field's length was ~33M set inserts, twice, on the
+    gateway's event loop. Merged ranges never materialise a port: memory shows it."""
+    import tracemalloc
+
+    from shared.schemas import ScanRequest
+
+    spec = ",".join(["1-65535"] * 511)
+    assert len(spec) <= 4096
+    tracemalloc.start()
+    try:
+        request = ScanRequest(target="127.0.0.1", ports=spec)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert request.ports == "1-65535"
+    assert peak < 512 * 1024, peak  # a set of 65,535 ports alone is over 2 MB
+
+
+def test_errors_do_not_echo_a_long_spec_whole() -> None:
+    with pytest.raises(PortSpecError) as caught:
+        parse_port_spec("1-80," * 800 + "x")
+    assert len(str(caught.value)) < 200

@@ -1,0 +1,149 @@
+"""``python -m api_service.dispatcher``: fires due schedules, publishes their scans, sends webhooks.
+
+Everything it does is claimed from PostgreSQL rows with ``FOR UPDATE SKIP LOCKED``, so any
+number of replicas can run at once: each due run is recorded once (``schedules``), each
+recorded scan is published until the broker confirms (``scan_publish_outbox``), each webhook
+message is sent by one dispatcher at a time until it is delivered or has failed. Run two for
+availability; a stopped one loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from api_service.publisher import AmqpPublisher, PublishFailed, TaskPublisher
+from api_service.webhook_sender import WebhookSender
+from shared.errors import ResolutionFailed, TargetDenied
+from shared.logging import configure_logging
+from shared.policy import TargetPolicy
+from shared.protocol import TaskMessage
+from shared.resolve import resolve_target
+from shared.retry import DATABASE_ERRORS as DB_ERRORS
+from shared.schedule_store import FiredRun, ScheduleStore
+from shared.schedules import Schedule, ScheduleCreate
+from shared.settings import Settings, load_settings
+from shared.store import create_pool
+from shared.targets import TargetError, parse_target
+from shared.webhook_store import WebhookStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TickReport:
+    fired: list[FiredRun]
+    published: int
+    events: int
+    deliveries: int
+
+
+class TargetCheck:
+    """The gateway's target policy at the moment a run fires, plus the schedule's exclusions."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def __call__(self, schedule: Schedule | ScheduleCreate) -> str | None:
+        policy = TargetPolicy(
+            self.settings.target_allow, (*self.settings.target_deny, *schedule.exclude)
+        )
+        try:
+            target = parse_target(schedule.target, max_hosts=self.settings.max_hosts)
+            await resolve_target(target, policy, timeout=self.settings.resolve_timeout)
+        except (TargetDenied, ResolutionFailed, TargetError) as exc:
+            return f"schedule run refused: {exc}"
+        return None
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool[Any],
+        publisher: TaskPublisher,
+        sender: WebhookSender | None = None,
+    ) -> None:
+        self.settings = settings
+        self.schedules = ScheduleStore(pool)
+        self.webhooks = WebhookStore(pool)
+        self.publisher = publisher
+        self.sender = sender or WebhookSender(settings)
+        self.check = TargetCheck(settings)
+
+    async def publish(self, message: TaskMessage) -> bool:
+        try:
+            await self.publisher.publish(message)
+        except PublishFailed as exc:
+            log.warning("scan message %s not confirmed: %s", message.correlation_id, exc)
+            return False
+        return True
+
+    async def tick(self, now: datetime | None = None) -> TickReport:
+        """One pass over everything due at ``now`` (the wall clock by default)."""
+        now = now or datetime.now(UTC)
+        fired = await self.schedules.fire_due(now, self.check)
+        for run in fired:
+            log.info(
+                "schedule %s fired for %s: scan %s%s",
+                run.schedule_id,
+                run.scheduled_for.isoformat(),
+                run.scan_id,
+                f" refused ({run.error})" if run.error else "",
+            )
+        published = await self.schedules.publish_pending(
+            self.publish, max_seconds=self.settings.max_scan_seconds
+        )
+        events = await self.webhooks.collect_events()
+        deliveries = await self.sender.deliver_due(self.webhooks, now)
+        return TickReport(fired, published, events, deliveries)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick every ``dispatcher_interval`` seconds until ``stop`` is set."""
+        heartbeat = Path(self.settings.dispatcher_heartbeat_file)
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except DB_ERRORS as exc:
+                log.warning("dispatcher tick failed, retrying next tick: %r", exc)
+            else:
+                await asyncio.to_thread(heartbeat.touch)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.dispatcher_interval)
+
+
+async def serve(settings: Settings) -> None:
+    pool = await create_pool(settings.database_url, max_size=2)
+    publisher = AmqpPublisher(settings)
+    await publisher.start()
+    sender = WebhookSender(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("dispatcher started; ticking every %ss", settings.dispatcher_interval)
+    try:
+        await Dispatcher(settings, pool, publisher, sender).run(stop)
+    finally:
+        await sender.close()
+        await publisher.close()
+        await pool.close()
+        log.info("dispatcher stopped")
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging(settings.log_level, "dispatcher", settings.log_format)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

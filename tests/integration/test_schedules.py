@@ -1,0 +1,216 @@
+"""Schedules on the real PostgreSQL and RabbitMQ: exactly-once firing with two dispatchers,
+edits while a run is due, exclusions. Dispatchers are ticked with explicit times, years ahead
+of the wall clock, so no real-time dispatcher of the same run ever sees these schedules."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import pytest
+
+from api_service.dispatcher import Dispatcher, TargetCheck
+from api_service.publisher import AmqpPublisher
+from shared.schedule_store import ScheduleStore
+from shared.schedules import Schedule, ScheduleCreate, ScheduleUpdate
+from shared.settings import Settings
+from shared.store import create_pool
+from tests.conftest import delete_queues
+from tests.support.broker import queued_messages
+
+BASE = datetime(2031, 1, 6, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def pool(database: str) -> AsyncIterator[asyncpg.Pool[Any]]:
+    pool = await create_pool(database, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def owner(pool: asyncpg.Pool[Any]) -> AsyncIterator[UUID]:
+    """A key of this test alone; its schedules and their scans go at the end."""
+    key_id: UUID = await pool.fetchval(
+        "INSERT INTO api_keys (id, name, key_hash, key_prefix) VALUES"
+        " (gen_random_uuid(), 'schedules-test', $1, 'test') RETURNING id",
+        secrets.token_bytes(32),
+    )
+    yield key_id
+    await pool.execute("DELETE FROM scans WHERE api_key_id = $1", key_id)
+    await pool.execute("DELETE FROM schedules WHERE api_key_id = $1", key_id)
+
+
+@pytest.fixture
+async def own_queue(settings: Settings) -> AsyncIterator[Settings]:
+    own = settings.model_copy(
+        update={"queue_prefix": f"{settings.queue_prefix}-sched-{secrets.token_hex(3)}"}
+    )
+    yield own
+    await delete_queues(own)
+
+
+async def make(store: ScheduleStore, owner: UUID, spec: ScheduleCreate) -> Schedule:
+    created = await store.create(owner, spec, BASE, limit=100)
+    assert created is not None
+    return created
+
+
+def nightly(**changes: Any) -> ScheduleCreate:
+    return ScheduleCreate.model_validate(
+        {"target": "127.0.0.1", "ports": "22", "cron": "0 3 * * *", **changes}
+    )
+
+
+async def test_two_dispatchers_never_double_fire(
+    database: str, pool: asyncpg.Pool[Any], owner: UUID, own_queue: Settings
+) -> None:
+    store = ScheduleStore(pool)
+    count = 12
+    for _ in range(count):
+        await make(store, owner, nightly())
+    due_at = BASE + timedelta(hours=3, seconds=5)
+
+    dispatchers: list[Dispatcher] = []
+    publishers: list[AmqpPublisher] = []
+    pools: list[asyncpg.Pool[Any]] = []
+    try:
+        for _ in range(2):
+            own_pool = await create_pool(database, max_size=2)
+            publisher = AmqpPublisher(own_queue)
+            await publisher.start()
+            pools.append(own_pool)
+            publishers.append(publisher)
+            dispatchers.append(Dispatcher(own_queue, own_pool, publisher))
+        # Both tick at the same instants, three times over, concurrently.
+        for extra in range(3):
+            now = due_at + timedelta(seconds=extra)
+            await asyncio.gather(*(d.tick(now) for d in dispatchers))
+    finally:
+        for d in dispatchers:
+            await d.sender.close()
+        for publisher in publishers:
+            await publisher.close()
+        for own_pool in pools:
+            await own_pool.close()
+
+    rows = await pool.fetch(
+        "SELECT schedule_id, scheduled_for FROM scans WHERE api_key_id = $1", owner
+    )
+    assert len(rows) == count
+    assert len({r["schedule_id"] for r in rows}) == count
+    assert {r["scheduled_for"] for r in rows} == {BASE + timedelta(hours=3)}
+    assert await pool.fetchval("SELECT count(*) FROM scan_publish_outbox") == 0
+    assert await queued_messages(own_queue) == count
+    for schedule in await store.owned(owner):
+        assert schedule.next_run_at == BASE + timedelta(days=1, hours=3)
+
+
+async def test_editing_the_timing_while_a_run_is_due_drops_that_run(
+    pool: asyncpg.Pool[Any], owner: UUID, settings: Settings
+) -> None:
+    store = ScheduleStore(pool)
+    schedule = await make(store, owner, nightly())
+    due = BASE + timedelta(hours=3)
+    # Due, not yet fired (no tick since 03:00); the edit at 03:00:30 moves it to 04:00.
+    edited = await store.update(
+        owner, schedule.id, ScheduleUpdate(cron="0 4 * * *"), due + timedelta(seconds=30)
+    )
+    assert edited is not None
+    assert edited.next_run_at == BASE + timedelta(hours=4)
+    check = TargetCheck(settings)
+    assert await store.fire_due(due + timedelta(minutes=1), check) == []
+    fired = await store.fire_due(BASE + timedelta(hours=4, seconds=1), check)
+    assert [run.scheduled_for for run in fired] == [BASE + timedelta(hours=4)]
+
+
+async def test_editing_the_target_while_a_run_is_due_keeps_the_run(
+    pool: asyncpg.Pool[Any], owner: UUID, settings: Settings
+) -> None:
+    store = ScheduleStore(pool)
+    schedule = await make(store, owner, nightly())
+    due = BASE + timedelta(hours=3)
+    await store.update(owner, schedule.id, ScheduleUpdate(target="127.0.0.2"), due)
+    fired = await store.fire_due(due + timedelta(seconds=1), TargetCheck(settings))
+    assert len(fired) == 1
+    target = await pool.fetchval("SELECT target FROM scans WHERE id = $1", fired[0].scan_id)
+    assert target == "127.0.0.2"
+    await pool.execute("DELETE FROM scan_publish_outbox WHERE scan_id = $1", fired[0].scan_id)
+
+
+async def wait_for_lock_waiter(pool: asyncpg.Pool[Any], timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        waiting = await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail("no query waited on a lock")
+
+
+async def test_an_edit_waits_for_a_tick_holding_the_schedule(
+    pool: asyncpg.Pool[Any], owner: UUID, settings: Settings
+) -> None:
+    """The tick locked the row first: the run fires, then the edit applies after it."""
+    store = ScheduleStore(pool)
+    schedule = await make(store, owner, nightly())
+    due = BASE + timedelta(hours=3)
+    entered, release = asyncio.Event(), asyncio.Event()
+    check = TargetCheck(settings)
+
+    async def slow_check(s: Any) -> str | None:
+        entered.set()
+        await release.wait()
+        return await check(s)
+
+    tick = asyncio.create_task(store.fire_due(due, slow_check))
+    await asyncio.wait_for(entered.wait(), 10)
+    edit = asyncio.create_task(
+        store.update(owner, schedule.id, ScheduleUpdate(cron="0 5 * * *"), due)
+    )
+    await wait_for_lock_waiter(pool)  # the edit waits on the row lock meanwhile
+    assert not edit.done()
+    release.set()
+    fired = await asyncio.wait_for(tick, 10)
+    edited = await asyncio.wait_for(edit, 10)
+    assert [run.scheduled_for for run in fired] == [due]
+    assert edited is not None
+    assert edited.next_run_at == BASE + timedelta(hours=5)
+    await pool.execute("DELETE FROM scan_publish_outbox WHERE scan_id = $1", fired[0].scan_id)
+
+
+async def test_a_run_inside_the_schedules_exclusions_is_recorded_as_failed(
+    pool: asyncpg.Pool[Any], owner: UUID, settings: Settings
+) -> None:
+    store = ScheduleStore(pool)
+    await make(store, owner, nightly(exclude=["127.0.0.0/24"]))
+    fired = await store.fire_due(BASE + timedelta(hours=3), TargetCheck(settings))
+    assert len(fired) == 1
+    row = await pool.fetchrow("SELECT state, error FROM scans WHERE id = $1", fired[0].scan_id)
+    assert row is not None
+    assert row["state"] == "failed"
+    assert "127.0.0.0/24" in row["error"]
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM scan_publish_outbox WHERE scan_id = $1", fired[0].scan_id
+        )
+        == 0
+    )
+
+
+async def test_a_key_has_at_most_its_bound_of_schedules(
+    pool: asyncpg.Pool[Any], owner: UUID
+) -> None:
+    store = ScheduleStore(pool)
+    assert await store.create(owner, nightly(), BASE, limit=2) is not None
+    assert await store.create(owner, nightly(), BASE, limit=2) is not None
+    assert await store.create(owner, nightly(), BASE, limit=2) is None
+    assert len(await store.owned(owner)) == 2

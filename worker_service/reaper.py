@@ -1,0 +1,84 @@
+"""The worker's reaper: every ``reap_interval`` s, the main process fails scans left 'running'.
+
+``shared.reaper.reap`` claims the rows (``FOR UPDATE SKIP LOCKED``: any number of workers may
+run this at once); here each reaped scan's event stream gets its ``end`` and its key's slot is
+released. It runs on a thread of the worker's main process, on its own event loop and pool, so
+it needs no other process and holds no prefork child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import redis
+from celery.signals import worker_ready, worker_shutdown
+
+from shared.reaper import Reaped, reap
+from shared.retry import DATABASE_ERRORS
+from shared.settings import Settings
+from shared.store import create_pool
+from worker_service.reporting import EventLog
+
+log = logging.getLogger(__name__)
+
+
+class Reaper:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, **_: Any) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
+            self._thread.start()
+
+    def stop(self, **_: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _run(self) -> None:
+        # A daemon thread with a loop per pass: nothing here may hold up the worker's exit.
+        client = redis.Redis.from_url(
+            self.settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+        try:
+            while True:
+                try:
+                    reaped = asyncio.run(self._pass())
+                except DATABASE_ERRORS as exc:
+                    log.warning("reaper: database unavailable: %r", exc)
+                    reaped = []
+                for scan in reaped:
+                    log.warning("scan %s: reaped (left running)", scan.scan_id)
+                    self._release(client, scan)
+                if self._stop.wait(self.settings.reap_interval):
+                    return
+        finally:
+            client.close()
+
+    async def _pass(self) -> list[Reaped]:
+        async with asyncio.timeout(30):
+            pool = await create_pool(self.settings.database_url, max_size=1)
+            try:
+                return await reap(pool)
+            finally:
+                await pool.close()
+
+    def _release(self, client: redis.Redis, scan: Reaped) -> None:
+        prefix, ttl = self.settings.redis_prefix, self.settings.result_ttl
+        events = EventLog(client, prefix, str(scan.task_id), ttl)
+        events.write(("end", {"state": "FAILURE"}), release=scan.owner)
+
+
+def install_reaper(settings: Settings) -> Reaper:
+    """Run the reaper in this worker's main process from ready to shutdown."""
+    reaper = Reaper(settings)
+    worker_ready.connect(reaper.start, weak=False)
+    worker_shutdown.connect(reaper.stop, weak=False)
+    return reaper
