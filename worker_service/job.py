@@ -132,6 +132,24 @@ class HostProgress(Protocol):
     def __call__(self, event: ScanProgressEvent) -> None: ...
 
 
+class LiveTotal:
+    """A scan's reporter whose total narrows to the live hosts' probes once discovery has
+    spoken: a /24 with three hosts up then counts to 3,000, not 254,000."""
+
+    def __init__(self, reporter: ProgressReporter) -> None:
+        self.reporter = reporter
+
+    def start_host(self, address: str) -> None:
+        self.reporter.start_host(address)
+
+    def finish_host(self, ports_scanned: int) -> None:
+        self.reporter.finish_host(ports_scanned)
+
+    def __call__(self, event: ScanProgressEvent) -> None:
+        self.reporter.total = event.total_ports
+        self.reporter(event)
+
+
 async def probe(
     addresses: list[str],
     ports: list[int],
@@ -310,8 +328,9 @@ class ScanJob:
         return Completed(self._result("completed", scanned, self.open))
 
     async def _scan(self) -> None:
+        progress = LiveTotal(self.reporter)
         found = await probe(
-            self.addresses, self.ports, self.job.config, self.reporter, limits=self.limits
+            self.addresses, self.ports, self.job.config, progress, limits=self.limits
         )
         self.found = found
         services = await self._identify_hosts(
