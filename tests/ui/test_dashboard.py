@@ -227,7 +227,7 @@ def test_another_key_gets_a_404_page_and_the_session_is_locked_down(
     expect(page.locator("#target")).to_have_value("127.0.0.66")
     page.locator("#ports").fill("80")
     page.get_by_role("button", name="Start scan").click()
-    expect(page.locator("#form-error")).to_contain_text("denied")
+    expect(page.locator("#form-error")).to_contain_text("not allowed by the target policy")
     # The same rendering of the form sent twice (a double click) is one scan.
     form: dict[str, str | float | bool] = {
         "csrf": page.locator("input[name=csrf]").first.input_value(),
@@ -282,7 +282,7 @@ def test_a_revoked_key_ends_its_session(browser: Browser, api: str, database: st
         page.keyboard.press("Enter")
         page.wait_for_url("**/ui/")
         focused = []
-        for _ in range(12):
+        for _ in range(16):
             page.keyboard.press("Tab")
             focused.append(
                 page.evaluate(
