@@ -22,7 +22,7 @@ from playwright.sync_api import Browser, Locator, Page, expect
 from bench._stack import settings_env
 from shared.settings import Settings
 from tests.conftest import Process, base_url, start_api, variant, wait_final, wait_until
-from tests.support.browser import DESKTOP, Watch, shoot, sign_in, submit
+from tests.support.browser import Watch, shoot, signed_in_page, submit
 from tests.support.webhook_receiver import Receiver, webhook_receiver
 
 pytestmark = pytest.mark.e2e
@@ -71,14 +71,9 @@ def dispatcher(hooks_settings: Settings, run_dir: Path, database: str) -> Iterat
 
 @pytest.fixture
 def hooks_page(browser: Browser, hooks_api: str, api_key: str) -> Iterator[Page]:
-    context = browser.new_context(base_url=hooks_api, viewport=DESKTOP)
-    context.set_default_timeout(15_000)
-    try:
-        page = context.new_page()
-        sign_in(page, api_key)
+    with signed_in_page(browser, hooks_api, api_key) as page:
+        page.context.set_default_timeout(15_000)
         yield page
-    finally:
-        context.close()
 
 
 def shown(moment: str) -> str:
@@ -176,7 +171,10 @@ def test_a_schedule_is_listed_with_its_next_run_paused_resumed_and_run_now(
 
 
 def test_a_webhook_shows_its_secret_once_and_its_deliveries_which_redeliver(
+    browser: Browser,
     hooks_page: Page,
+    hooks_api: str,
+    other_api_key: str,
     client: httpx.Client,
     worker: object,
     dispatcher: Process,
@@ -227,6 +225,18 @@ def test_a_webhook_shows_its_secret_once_and_its_deliveries_which_redeliver(
         assert [e["data"]["task_id"] for e in receiver.events()] == [task, task]
         reload_until(page, delivery, "delivered")
         expect(delivery).to_have_count(1)
+
+    # Another key sees neither the webhook nor its log, and cannot redeliver from it.
+    with signed_in_page(browser, hooks_api, other_api_key) as other:
+        response = other.goto(f"/ui/webhooks/{webhook_id}")
+        assert response is not None
+        assert response.status == 404
+        other.goto("/ui/webhooks")
+        expect(other.locator(f'tr[data-webhook-id="{webhook_id}"]')).to_have_count(0)
+        token = other.locator("input[name=csrf]").first.input_value()
+        message_id = delivery.get_attribute("data-message-id")
+        url = f"/ui/webhooks/{webhook_id}/deliveries/{message_id}/redeliver"
+        assert other.request.post(url, form={"csrf": token}).status == 404
 
     page.goto("/ui/webhooks")
     hook.get_by_role("button", name="Delete").click()
