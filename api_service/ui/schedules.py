@@ -42,6 +42,9 @@ def schedule_request(form: dict[str, str]) -> dict[str, Any]:
     }
     if form.get("name", "").strip():
         body["name"] = form["name"].strip()
+    exclude = [entry.strip() for entry in form.get("exclude", "").split(",") if entry.strip()]
+    if exclude:
+        body["exclude"] = exclude
     if form.get("misfire_grace_seconds"):
         body["misfire_grace_seconds"] = number(form["misfire_grace_seconds"], int)
     if form.get("timing") == "interval":

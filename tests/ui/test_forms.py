@@ -25,6 +25,7 @@ def test_a_cron_schedule_form_is_a_valid_api_body() -> None:
             "misfire_policy": "run_once",
             "misfire_grace_seconds": "600",
             "timeout": "0.5",
+            "exclude": "127.0.0.9, 127.0.1.0/24,",
         }
     )
     spec = ScheduleCreate.model_validate(body)
@@ -36,6 +37,8 @@ def test_a_cron_schedule_form_is_a_valid_api_body() -> None:
     )
     assert spec.interval_seconds is None
     assert (spec.misfire_policy, spec.misfire_grace_seconds) == ("run_once", 600)
+    assert body["exclude"] == ["127.0.0.9", "127.0.1.0/24"]
+    assert spec.exclude == ["127.0.0.9/32", "127.0.1.0/24"]
     assert spec.config.timeout == 0.5
     assert spec.config.service_detection is False
 
@@ -45,6 +48,7 @@ def test_an_interval_form_leaves_bad_numbers_to_the_api() -> None:
     assert body["interval_seconds"] == "soon"
     assert "cron" not in body
     assert "timezone" not in body
+    assert "exclude" not in body
     body = schedule_request({"target": "h", "timing": "interval", "interval_seconds": "120"})
     assert ScheduleCreate.model_validate(body).interval_seconds == 120
 

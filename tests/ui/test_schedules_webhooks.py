@@ -110,6 +110,7 @@ def test_a_schedule_is_listed_with_its_next_run_paused_resumed_and_run_now(
     page.locator("#s-cron").fill("61 2 * * *")
     page.locator("#s-timezone").fill("Europe/Berlin")
     page.locator("#s-timeout").fill("0.5")
+    page.locator("#s-exclude").fill("127.0.0.9")
     page.get_by_role("button", name="Create schedule").click()
     expect(page.locator("#form-error")).to_contain_text("cron")
     expect(page.locator("#s-name")).to_have_value(name)
@@ -124,6 +125,8 @@ def test_a_schedule_is_listed_with_its_next_run_paused_resumed_and_run_now(
     schedule_id = row.get_attribute("data-schedule-id")
     stored = client.get(f"/api/schedules/{schedule_id}").json()
     assert stored["timezone"] == "Europe/Berlin"
+    assert stored["exclude"] == ["127.0.0.9/32"]
+    expect(row).to_contain_text("except 127.0.0.9/32")
     # 02:30 in Berlin in December is 01:30 UTC.
     assert shown(stored["next_run_at"]).endswith(" 01:30:00 UTC")
     expect(row.locator(".next-run")).to_have_text(shown(stored["next_run_at"]))
