@@ -203,6 +203,7 @@ class ScanSummary(_Strict):
     finished_at: datetime | None = None
     open_ports: int | None = None
     error: str | None = None
+    schedule_id: UUID | None = Field(default=None, description="The schedule that made it, if any")
 
 
 class ScanPage(_Strict):
