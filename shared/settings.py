@@ -190,6 +190,9 @@ class Settings(BaseSettings):
     # Web dashboard (issue 18): the gateway's /ui pages and their session cookie.
     ui_session_seconds: int = Field(default=28_800, ge=60)
     """How long a dashboard sign-in lasts."""
+    forwarded_allow_ips: str = "127.0.0.1"
+    """Proxies (comma-separated addresses, or ``*``) whose X-Forwarded-Proto and -For the API
+    trusts; the dashboard's cookie is ``Secure`` when such a proxy says the client used https."""
 
     @field_validator("api_keys", "target_allow", "target_deny", mode="before")
     @classmethod

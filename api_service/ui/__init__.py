@@ -9,6 +9,7 @@ from starlette.staticfiles import StaticFiles
 
 from api_service.errors import ApiError
 from api_service.ui import scan_page, scans, schedules, signin, targets, webhooks
+from api_service.ui.bounds import BoundedForms
 from api_service.ui.headers import SecurityHeaders
 from api_service.ui.render import HERE, page
 
@@ -38,5 +39,5 @@ def ui_routes() -> list[BaseRoute]:
     )
     return [
         Route("/", home, methods=["GET"]),
-        Mount("/ui", app=SecurityHeaders(pages)),
+        Mount("/ui", app=SecurityHeaders(BoundedForms(pages))),
     ]
