@@ -5,7 +5,6 @@ is tried by ticking at that time, not by waiting for it."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +23,7 @@ from shared.store import create_pool
 from shared.webhook_store import WebhookStore
 from shared.webhooks import WebhookCreate, WebhookCreated
 from tests import needs
+from tests.support.keys import own_key
 from tests.support.webhook_receiver import Receiver, webhook_receiver
 
 
@@ -36,14 +36,8 @@ async def pool(database: str) -> AsyncIterator[asyncpg.Pool[Any]]:
 
 @pytest.fixture
 async def owner(pool: asyncpg.Pool[Any]) -> AsyncIterator[UUID]:
-    key_id: UUID = await pool.fetchval(
-        "INSERT INTO api_keys (id, name, key_hash, key_prefix) VALUES"
-        " (gen_random_uuid(), 'webhooks-test', $1, 'test') RETURNING id",
-        secrets.token_bytes(32),
-    )
-    yield key_id
-    await pool.execute("DELETE FROM webhooks WHERE api_key_id = $1", key_id)
-    await pool.execute("DELETE FROM scans WHERE api_key_id = $1", key_id)
+    async with own_key(pool, "webhooks-test") as key_id:
+        yield key_id
 
 
 @pytest.fixture
