@@ -106,16 +106,21 @@ class ScheduleCreate(ScanRequest):
     def _exclude(cls, value: list[str]) -> list[str]:
         return _check_exclude(value)
 
+    @field_validator("priority")
+    @classmethod
+    def _not_critical(cls, value: Priority) -> Priority:
+        # Critical scans jump every queue and a key has only a share of them a minute; a
+        # timed run cannot wait for that share, so schedules run at high priority at most.
+        if value == "critical":
+            raise ValueError("schedules run at high priority at most, not critical")
+        return value
+
     @model_validator(mode="after")
     def _one_timing(self) -> ScheduleCreate:
         if (self.cron is None) == (self.interval_seconds is None):
             raise ValueError("give exactly one of cron and interval_seconds")
         if self.force:
             raise ValueError("force: a schedule's runs never answer from the result cache")
-        if self.priority == "critical":
-            # Critical scans jump every queue and each key has only a share of them a minute;
-            # a timed run cannot wait for that share, so schedules stay at high or below.
-            raise ValueError("priority: schedules run at most at high priority, not critical")
         if self.cron is not None:
             try:
                 Timing(cron=self.cron, timezone=self.timezone).next_after(datetime.now(UTC))

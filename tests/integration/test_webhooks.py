@@ -5,6 +5,7 @@ is tried by ticking at that time, not by waiting for it."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -23,8 +24,10 @@ from shared.store import create_pool
 from shared.webhook_store import WebhookStore
 from shared.webhooks import WebhookCreate, WebhookCreated
 from tests import needs
-from tests.support.keys import own_key
+from tests.support.keys import own_key, revoke
 from tests.support.webhook_receiver import Receiver, webhook_receiver
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 @pytest.fixture
@@ -48,7 +51,7 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 async def sender(settings: Settings) -> AsyncIterator[WebhookSender]:
-    own = settings.model_copy(update={"webhook_allow_networks": ("127.0.0.0/8", "::1/128")})
+    own = settings.model_copy(update={"webhook_allow_networks": LOOPBACK})
     sender = WebhookSender(own)
     yield sender
     await sender.close()
@@ -207,6 +210,16 @@ async def test_410_disables_the_endpoint(
     await tick(store, sender, soon() + timedelta(hours=1))
     assert len(receiver.received) == 1
 
+    # Redelivering to a disabled endpoint queues nothing; re-enabling it starts afresh.
+    (gone, *_rest) = await store.deliveries(created.id)
+    assert await store.redeliver(created.id, gone.id) == "disabled"
+    enabled = await store.set_enabled(owner, created.id, True)
+    assert enabled is not None
+    assert (enabled.enabled, enabled.disabled_reason, enabled.failing_since) == (True, None, None)
+    assert await store.redeliver(created.id, gone.id) == "queued"
+    await tick(store, sender, soon() + timedelta(hours=1))
+    assert [r.answered for r in receiver.received] == [410, 200]
+
 
 async def test_an_endpoint_failing_for_days_is_disabled_and_reported(
     pool: asyncpg.Pool[Any],
@@ -245,7 +258,7 @@ async def test_loopback_is_refused_without_the_operator_allowance(
     assert receiver.received == []
     (delivery,) = await store.deliveries(created.id)
     assert delivery.history[0].error is not None
-    assert "not a global address" in delivery.history[0].error
+    assert "not an address webhooks may be sent to" in delivery.history[0].error
 
 
 async def test_a_name_is_connected_to_at_the_checked_address_with_its_host_header(
@@ -284,11 +297,11 @@ async def test_a_failed_scan_and_a_redelivery(
     assert (event["type"], event["data"]["error"]) == ("scan.failed", "time limit exceeded")
 
     (delivery,) = await store.deliveries(created.id)
-    assert await store.redeliver(created.id, delivery.id)
+    assert await store.redeliver(created.id, delivery.id) == "queued"
     await tick(store, sender, soon())
     assert [e["type"] for e in receiver.events()] == ["scan.failed", "scan.failed"]
     assert len({r.headers["webhook-id"] for r in receiver.received}) == 1
-    assert not await store.redeliver(created.id, "msg_unknown")
+    assert await store.redeliver(created.id, "msg_unknown") == "missing"
 
 
 async def test_https_to_a_name_checks_the_certificate_for_that_name(
@@ -307,7 +320,7 @@ async def test_https_to_a_name_checks_the_certificate_for_that_name(
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert, key)
     trusting = ssl.create_default_context(cafile=str(cert))
-    own = settings.model_copy(update={"webhook_allow_networks": ("127.0.0.0/8", "::1/128")})
+    own = settings.model_copy(update={"webhook_allow_networks": LOOPBACK})
     sender = WebhookSender(own, verify=trusting)
     store = WebhookStore(pool)
     try:
@@ -327,3 +340,27 @@ async def test_https_to_a_name_checks_the_certificate_for_that_name(
             assert len(receiver.received) == 1
     finally:
         await sender.close()
+
+
+async def test_a_revoked_key_gets_no_more_messages(
+    pool: asyncpg.Pool[Any], owner: UUID, receiver: Receiver, sender: WebhookSender
+) -> None:
+    store = WebhookStore(pool)
+    created = await hook(pool, owner, receiver)
+    await finish_scan(pool, owner, [22])
+    await store.collect_events()  # a message owed before the revocation is not sent either
+    await revoke(pool, owner)
+    await finish_scan(pool, owner, [22])
+    await tick(store, sender, soon() + timedelta(days=1))
+    assert receiver.received == []
+    assert [d.attempts for d in await store.deliveries(created.id)] == [0]
+
+
+async def test_concurrent_creates_stay_within_the_keys_bound(
+    pool: asyncpg.Pool[Any], owner: UUID
+) -> None:
+    store = WebhookStore(pool)
+    spec = WebhookCreate(url="https://hooks.example.com/x", events=["scan.completed"])
+    made = await asyncio.gather(*(store.create(owner, spec, limit=5) for _ in range(20)))
+    assert sum(1 for m in made if m is not None) == 5
+    assert len(await store.owned(owner)) == 5
