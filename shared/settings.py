@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated, Literal
@@ -188,9 +187,10 @@ class Settings(BaseSettings):
             raise ValueError("webhook_retry_schedule: comma-separated seconds, none negative")
         return value
 
-    @functools.cached_property
+    @property
     def webhook_retry_delays(self) -> tuple[float, ...]:
-        """``webhook_retry_schedule`` parsed (once: it was checked when the settings loaded)."""
+        """``webhook_retry_schedule`` parsed (checked when the settings loaded); the sender
+        reads it once. Not cached here: ``model_copy`` would carry a stale copy along."""
         return tuple(float(part) for part in self.webhook_retry_schedule.split(","))
 
     # Web dashboard (issue 18): the gateway's /ui pages and their session cookie.
@@ -232,7 +232,7 @@ class Settings(BaseSettings):
         """The ``CYBERSEC_*`` variables that make another process read exactly these settings."""
         environ = {}
         for name, value in self.model_dump().items():
-            text = ",".join(value) if isinstance(value, tuple) else str(value)
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
             environ[f"{ENV_PREFIX}{name.upper()}"] = text
         return environ
 
