@@ -18,8 +18,9 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from shared.diff import diff_results
+from shared.ports import parse_port_ranges
 from shared.schedule_store import lock_owner
-from shared.schemas import ScanResult
+from shared.schemas import PortResult, ScanResult
 from shared.webhooks import (
     Delivery,
     DeliveryAttempt,
@@ -248,24 +249,35 @@ class WebhookStore:
     async def _changes(
         self, conn: Conn, scan: asyncpg.Record, result: ScanResult
     ) -> dict[str, Any] | None:
-        previous = await conn.fetchrow(
-            "SELECT task_id, result FROM scans WHERE api_key_id = $1 AND target = $2"
-            " AND state = 'completed' AND result IS NOT NULL AND created_at <= $3 AND id <> $4"
-            " ORDER BY created_at DESC, id DESC LIMIT 1",
-            scan["api_key_id"],
-            scan["target"],
-            scan["created_at"],
-            scan["id"],
-        )
+        """The diff against the previous completed run of the same schedule (a scheduled
+        scan), or else the key's previous completed scan of the target."""
+        if scan["schedule_id"] is not None:
+            previous = await conn.fetchrow(
+                "SELECT task_id, result FROM scans WHERE schedule_id = $1"
+                " AND state = 'completed' AND result IS NOT NULL AND created_at <= $2"
+                " AND id <> $3 ORDER BY created_at DESC, id DESC LIMIT 1",
+                scan["schedule_id"],
+                scan["created_at"],
+                scan["id"],
+            )
+        else:
+            previous = await conn.fetchrow(
+                "SELECT task_id, result FROM scans WHERE api_key_id = $1 AND target = $2"
+                " AND state = 'completed' AND result IS NOT NULL AND created_at <= $3"
+                " AND id <> $4 ORDER BY created_at DESC, id DESC LIMIT 1",
+                scan["api_key_id"],
+                scan["target"],
+                scan["created_at"],
+                scan["id"],
+            )
         if previous is None:
             return None
-        diff = diff_results(
+        return alert_diff(
             ScanResult.model_validate(previous["result"]),
             result,
             old_task_id=previous["task_id"],
             new_task_id=scan["task_id"],
         )
-        return diff.model_dump(mode="json") if diff.has_changes else None
 
     async def claim_due(
         self,
@@ -364,3 +376,41 @@ def _event_time(scan: asyncpg.Record) -> str:
 
 def body_of(payload: dict[str, Any]) -> str:
     return orjson.dumps(payload).decode()
+
+
+def alert_diff(
+    old: ScanResult,
+    new: ScanResult,
+    *,
+    old_task_id: UUID | None = None,
+    new_task_id: UUID | None = None,
+) -> dict[str, Any] | None:
+    """The ``ports.changed`` diff, or None when nothing changed.
+
+    A port open now that lay outside the old scan's ports or addresses was not scanned
+    before: listed as ``not_scanned_before``, never as newly open. An address in either
+    scan's ``capped_addresses`` (only part of its open ports listed) is not compared."""
+    diff = diff_results(old, new, old_task_id=old_task_id, new_task_id=new_task_id)
+    capped = {*old.capped_addresses, *new.capped_addresses}
+    ranges = parse_port_ranges(old.ports)
+    addresses = set(old.addresses)
+
+    def scanned_before(port: PortResult) -> bool:
+        in_ports = any(low <= port.port <= high for low, high in ranges)
+        return in_ports and (not addresses or port.address in addresses)
+
+    newly_open = [p for p in diff.newly_open if p.address not in capped]
+    trimmed = diff.model_copy(
+        update={
+            "newly_open": [p for p in newly_open if scanned_before(p)],
+            "newly_closed": [p for p in diff.newly_closed if p.address not in capped],
+            "changed": [c for c in diff.changed if c.address not in capped],
+        }
+    )
+    if not trimmed.has_changes:
+        return None
+    body = trimmed.model_dump(mode="json")
+    body["not_scanned_before"] = [
+        p.model_dump(mode="json") for p in newly_open if not scanned_before(p)
+    ]
+    return body

@@ -18,6 +18,8 @@ import asyncpg
 import pytest
 
 from api_service.webhook_sender import WebhookSender
+from shared.schedule_store import ScheduleStore
+from shared.schedules import ScheduleCreate
 from shared.schemas import PortResult, ScanConfig, ScanResult
 from shared.settings import Settings
 from shared.store import create_pool
@@ -70,25 +72,34 @@ async def hook(
 
 
 async def finish_scan(
-    pool: asyncpg.Pool[Any], owner: UUID, open_ports: list[int], target: str = "127.0.0.1"
+    pool: asyncpg.Pool[Any],
+    owner: UUID,
+    open_ports: list[int],
+    target: str = "127.0.0.1",
+    *,
+    ports: str = "1-1000",
+    schedule_id: UUID | None = None,
 ) -> UUID:
     """A scan of the key that runs and completes, through the same UPDATEs a worker makes."""
     scan_id = uuid4()
     await pool.execute(
-        "INSERT INTO scans (id, task_id, target, ports, config, priority, api_key_id)"
-        " VALUES ($1, $2, $3, '1-1000', $4, 'normal', $5)",
+        "INSERT INTO scans (id, task_id, target, ports, config, priority, api_key_id,"
+        " schedule_id, scheduled_for) VALUES ($1, $2, $3, $4, $5, 'normal', $6, $7,"
+        " CASE WHEN $7::uuid IS NULL THEN NULL ELSE now() END)",
         scan_id,
         uuid4(),
         target,
+        ports,
         ScanConfig().model_dump(mode="json"),
         owner,
+        schedule_id,
     )
     now = datetime.now(UTC)
     result = ScanResult(
         scan_id=scan_id,
         target=target,
         addresses=[target],
-        ports="1-1000",
+        ports=ports,
         total_ports_scanned=1000,
         open_ports=[PortResult(port=p, state="open", address=target) for p in open_ports],
         started_at=now,
@@ -124,8 +135,8 @@ async def test_ports_changed_only_when_something_changed(
     await finish_scan(pool, owner, [22, 80])  # the first: nothing to compare with
     await finish_scan(pool, owner, [22, 80])  # the same ports
     await tick(store, sender, now)
-    changed_scan = await finish_scan(pool, owner, [22, 80, 8443])
-    await finish_scan(pool, owner, [22, 80, 8443])
+    changed_scan = await finish_scan(pool, owner, [22, 80, 443])
+    await finish_scan(pool, owner, [22, 80, 443])
     await tick(store, sender, now)
 
     events = receiver.events()
@@ -134,7 +145,7 @@ async def test_ports_changed_only_when_something_changed(
     assert len(changed) == 1
     diff = changed[0]["data"]["diff"]
     assert changed[0]["data"]["scan_id"] == str(changed_scan)
-    assert [(p["address"], p["port"]) for p in diff["newly_open"]] == [("127.0.0.1", 8443)]
+    assert [(p["address"], p["port"]) for p in diff["newly_open"]] == [("127.0.0.1", 443)]
     assert diff["newly_closed"] == []
     assert diff["changed"] == []
 
@@ -364,3 +375,24 @@ async def test_concurrent_creates_stay_within_the_keys_bound(
     made = await asyncio.gather(*(store.create(owner, spec, limit=5) for _ in range(20)))
     assert sum(1 for m in made if m is not None) == 5
     assert len(await store.owned(owner)) == 5
+
+
+async def test_an_ad_hoc_scan_between_two_nightly_runs_changes_nothing(
+    pool: asyncpg.Pool[Any], owner: UUID, receiver: Receiver, sender: WebhookSender
+) -> None:
+    """The nightly run is compared with the previous nightly run, not with the ad-hoc scan of
+    one port in between."""
+    nightly = await ScheduleStore(pool).create(
+        owner,
+        ScheduleCreate(target="127.0.0.1", ports="1-65535", cron="0 3 * * *"),
+        datetime.now(UTC),
+        limit=5,
+    )
+    assert nightly is not None
+    await hook(pool, owner, receiver, "ports.changed", "scan.completed")
+    await finish_scan(pool, owner, [22, 80], ports="1-65535", schedule_id=nightly.id)
+    await finish_scan(pool, owner, [22], ports="22")
+    await finish_scan(pool, owner, [22, 80], ports="1-65535", schedule_id=nightly.id)
+    await tick(store := WebhookStore(pool), sender, soon())
+    await tick(store, sender, soon())
+    assert [e["type"] for e in receiver.events()] == ["scan.completed"] * 3
