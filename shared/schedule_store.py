@@ -2,9 +2,10 @@
 
 A run is a scan row with ``(schedule_id, scheduled_for)`` unique, written in the same
 transaction that advances the schedule's ``next_run_at``, with the schedule row locked
-(``FOR UPDATE SKIP LOCKED``): any number of dispatchers can tick at once and each due run is
-recorded once. The scan's message is published after that commit, from
-``scan_publish_outbox``, so a dispatcher that dies in between leaves it for another.
+(``FOR UPDATE SKIP LOCKED``) and still as it was when the run was checked: any number of
+dispatchers can tick at once and each due run is recorded once. The scan's message is
+published after that commit, from ``scan_publish_outbox``, so a dispatcher that dies in
+between leaves it for another.
 """
 
 from __future__ import annotations
@@ -39,13 +40,25 @@ log = logging.getLogger(__name__)
 CheckTarget = Callable[[Schedule], Awaitable[Refusal | None]]
 """Checks a schedule when a run fires: None when it may run, else why not."""
 
+UPDATE_ATTEMPTS = 5
+"""Reads, merges and checks of one edit before it gives up on a row that keeps changing."""
+
+
+class ScheduleBusy(Exception):
+    """The schedule changed under every attempt of an edit (answered as a conflict)."""
+
+
 RunNow: TypeAlias = "FiredRun | Literal['missing', 'exists']"
 """What run-now came to: the run, no such schedule, or a run at that instant exists already."""
 
 _NEXT_DUE = (
     "SELECT s.* FROM schedules s JOIN api_keys k ON k.id = s.api_key_id"
     " WHERE s.enabled AND s.next_run_at <= $1 AND k.revoked_at IS NULL"
-    " AND s.id <> ALL($2::uuid[]) ORDER BY s.next_run_at LIMIT 1 FOR UPDATE OF s SKIP LOCKED"
+    " AND s.id <> ALL($2::uuid[]) ORDER BY s.next_run_at LIMIT 1"
+)
+_STILL_DUE = (
+    "SELECT 1 FROM schedules WHERE id = $1 AND enabled AND updated_at = $2"
+    " AND next_run_at = $3 FOR UPDATE SKIP LOCKED"
 )
 
 
@@ -152,64 +165,89 @@ class ScheduleStore:
         check: Callable[[ScheduleCreate], Awaitable[None]] | None = None,
     ) -> Schedule | None:
         """Apply the fields given. A change of timing (or enabling) counts from ``now``: a run
-        that was due under the old timing and not yet fired is dropped. The row lock makes an
-        edit and a dispatcher's tick take turns: the run fired before the edit, or not at all.
+        that was due under the old timing and not yet fired is dropped. An edit and a
+        dispatcher's tick each write only a row still as they read it: the run fired before the
+        edit, or not at all.
 
         ``check`` may refuse the merged schedule by raising, before anything is written.
         Raises pydantic's ``ValidationError`` when the result has both or neither of cron and
         interval."""
         fields = change.model_dump(exclude_unset=True)
-        async with self.pool.acquire() as conn, conn.transaction():
-            record = await _locked(conn, owner, schedule_id)
-            if record is None:
-                return None
-            current = schedule_from_record(record).model_dump()
-            if "cron" in fields and fields["cron"] is not None:
-                current["interval_seconds"] = None
-            if "interval_seconds" in fields and fields["interval_seconds"] is not None:
-                current["cron"] = None
-            current.update(fields)
-            merged = ScheduleCreate.model_validate(
-                {k: v for k, v in current.items() if k in ScheduleCreate.model_fields}
-            )
-            if check is not None:
-                await check(merged)
-            anchor: datetime = record["anchor_at"]
-            next_run: datetime | None = record["next_run_at"]
-            if fields.keys() & TIMING_FIELDS:
-                anchor = now
-                next_run = timing_of(merged).next_after(now, anchor=now)
-            if not merged.enabled:
-                next_run = None
-            updated = await conn.fetchrow(
-                "UPDATE schedules SET name = $2, target = $3, ports = $4, config = $5,"
-                " priority = $6, cron = $7, timezone = $8, interval_seconds = $9, enabled = $10,"
-                " misfire_policy = $11, misfire_grace_seconds = $12, exclude = $13,"
-                " anchor_at = $14, next_run_at = $15, updated_at = $16, parked_reason = NULL"
-                " WHERE id = $1 RETURNING *",
-                schedule_id,
-                merged.name,
-                merged.target,
-                merged.ports,
-                merged.config.model_dump(mode="json"),
-                merged.priority,
-                merged.cron,
-                merged.timezone,
-                merged.interval_seconds,
-                merged.enabled,
-                merged.misfire_policy,
-                merged.misfire_grace_seconds,
-                merged.exclude,
-                anchor,
-                next_run,
-                now,
-            )
+        async with self.pool.acquire() as conn:
+            for _attempt in range(UPDATE_ATTEMPTS):
+                # Merged and checked (perhaps a name lookup) with no lock held, then written
+                # only if the row is still as read; else merged again from the new row.
+                read = await conn.fetchrow(
+                    "SELECT * FROM schedules WHERE id = $1 AND api_key_id = $2",
+                    schedule_id,
+                    owner,
+                )
+                if read is None:
+                    return None
+                merged = _merged(read, fields)
+                if check is not None:
+                    await check(merged)
+                async with conn.transaction():
+                    record = await _locked(conn, owner, schedule_id)
+                    if record is None:
+                        return None
+                    if (record["updated_at"], record["next_run_at"]) != (
+                        read["updated_at"],
+                        read["next_run_at"],
+                    ):
+                        continue
+                    return await self._write(conn, record, merged, fields, now)
+        raise ScheduleBusy(f"schedule {schedule_id} kept changing while it was edited")
+
+    async def _write(
+        self,
+        conn: Conn,
+        record: asyncpg.Record,
+        merged: ScheduleCreate,
+        fields: dict[str, Any],
+        now: datetime,
+    ) -> Schedule:
+        schedule_id = record["id"]
+        anchor: datetime = record["anchor_at"]
+        next_run: datetime | None = record["next_run_at"]
+        if fields.keys() & TIMING_FIELDS:
+            anchor = now
+            next_run = timing_of(merged).next_after(now, anchor=now)
+        if not merged.enabled:
+            next_run = None
+        updated = await conn.fetchrow(
+            "UPDATE schedules SET name = $2, target = $3, ports = $4, config = $5,"
+            " priority = $6, cron = $7, timezone = $8, interval_seconds = $9, enabled = $10,"
+            " misfire_policy = $11, misfire_grace_seconds = $12, exclude = $13,"
+            " anchor_at = $14, next_run_at = $15, updated_at = $16, parked_reason = NULL"
+            " WHERE id = $1 RETURNING *",
+            schedule_id,
+            merged.name,
+            merged.target,
+            merged.ports,
+            merged.config.model_dump(mode="json"),
+            merged.priority,
+            merged.cron,
+            merged.timezone,
+            merged.interval_seconds,
+            merged.enabled,
+            merged.misfire_policy,
+            merged.misfire_grace_seconds,
+            merged.exclude,
+            anchor,
+            next_run,
+            now,
+        )
         assert updated is not None
         return schedule_from_record(updated)
 
     async def fire_due(self, now: datetime, check: CheckTarget, limit: int = 50) -> list[FiredRun]:
-        """Record the runs due at ``now`` and advance each schedule, one schedule per
-        transaction, so a row lock is held only while that one schedule is handled.
+        """Record the runs due at ``now`` and advance each schedule, one schedule at a time.
+
+        A schedule's run is checked (bounds, policy, a name lookup) with no lock held; then
+        its row is locked, only if it is still as it was read (not edited, not handled by
+        another dispatcher meanwhile: else the next tick sees it afresh), and the run recorded
+        with the advance of ``next_run_at`` in one short transaction.
 
         Runs missed beyond a schedule's grace period collapse into the latest one, which
         ``skip`` drops and ``run_once`` fires (see ``misfire_decision``). Schedules of revoked
@@ -218,19 +256,15 @@ class ScheduleStore:
         seen: list[UUID] = []
         async with self.pool.acquire() as conn:
             for _ in range(limit):
-                record: asyncpg.Record | None = None
+                record = await conn.fetchrow(_NEXT_DUE, now, seen)
+                if record is None:
+                    break
+                seen.append(record["id"])
                 try:
-                    async with conn.transaction():
-                        record = await conn.fetchrow(_NEXT_DUE, now, seen)
-                        if record is None:
-                            break
-                        seen.append(record["id"])
-                        run = await self._fire_one(conn, record, now, check)
+                    run = await self._fire_one(conn, record, now, check)
                 except (ValueError, LookupError, TypeError) as exc:
                     # ZoneInfoNotFoundError (a KeyError) when the time zone database lost a
                     # zone, ValidationError when a row no longer validates: never crash-loop.
-                    if record is None:
-                        raise
                     await self._park(conn, record["id"], f"{type(exc).__name__}: {exc}")
                     continue
                 if run is not None:
@@ -249,26 +283,32 @@ class ScheduleStore:
             policy=schedule.misfire_policy,
             grace_seconds=schedule.misfire_grace_seconds,
         )
-        run = None
+        reason = None
         if plan.fire_at is not None:
             refused = await check(schedule)
-            late = now - plan.fire_at
-            if (
-                refused is not None
-                and refused.transient
-                and late <= timedelta(seconds=schedule.misfire_grace_seconds)
-            ):
+            grace = timedelta(seconds=schedule.misfire_grace_seconds)
+            if refused is not None and refused.transient and now - plan.fire_at <= grace:
                 log.info("schedule %s: %s; retrying next tick", schedule.id, refused.reason)
                 return None  # next_run_at stays: the next tick tries this run again
             reason = None if refused is None else f"schedule run refused: {refused.reason}"
-            run = await self._record_run(conn, record, schedule, plan.fire_at, reason)
-        await conn.execute(
-            "UPDATE schedules SET next_run_at = $2,"
-            " last_run_at = COALESCE($3, last_run_at) WHERE id = $1",
-            schedule.id,
-            plan.next_run_at,
-            plan.fire_at,
-        )
+        run = None
+        async with conn.transaction():
+            if (
+                await conn.fetchrow(
+                    _STILL_DUE, schedule.id, record["updated_at"], record["next_run_at"]
+                )
+                is None
+            ):
+                return None
+            if plan.fire_at is not None:
+                run = await self._record_run(conn, record, schedule, plan.fire_at, reason)
+            await conn.execute(
+                "UPDATE schedules SET next_run_at = $2,"
+                " last_run_at = COALESCE($3, last_run_at) WHERE id = $1",
+                schedule.id,
+                plan.next_run_at,
+                plan.fire_at,
+            )
         return run
 
     async def _park(self, conn: Conn, schedule_id: UUID, reason: str) -> None:
@@ -365,6 +405,19 @@ class ScheduleStore:
                 )
                 sent += 1
         return sent
+
+
+def _merged(record: asyncpg.Record, fields: dict[str, Any]) -> ScheduleCreate:
+    """The stored schedule with the edited fields; cron and interval replace each other."""
+    current = schedule_from_record(record).model_dump()
+    if fields.get("cron") is not None:
+        current["interval_seconds"] = None
+    if fields.get("interval_seconds") is not None:
+        current["cron"] = None
+    current.update(fields)
+    return ScheduleCreate.model_validate(
+        {k: v for k, v in current.items() if k in ScheduleCreate.model_fields}
+    )
 
 
 async def lock_owner(conn: Conn, owner: UUID, what: str) -> None:

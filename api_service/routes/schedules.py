@@ -20,6 +20,7 @@ from api_service.responses import ORJSONResponse
 from api_service.routes.common import caller, db_unavailable, services, uuid_param
 from api_service.status import DB_ERRORS
 from shared.protocol import time_limits
+from shared.schedule_store import ScheduleBusy
 from shared.schedules import (
     Refusal,
     Schedule,
@@ -125,6 +126,8 @@ async def schedule_resource(request: Request) -> Response:
             except ValidationError as exc:
                 await svc.limiter.charge(owner)
                 raise validation_error(exc) from None
+            except ScheduleBusy as exc:
+                raise ApiError(409, str(exc), headers={"Retry-After": "1"}) from None
     except DB_ERRORS:
         raise db_unavailable() from None
     if found is None:
