@@ -55,6 +55,7 @@ class WebhookSender:
         """``verify``: how receivers' TLS certificates are checked (the system's CAs)."""
         self.settings = settings
         self.addresses = WebhookAddresses.from_settings(settings)
+        self.lookups = asyncio.Semaphore(settings.max_concurrent_lookups)
         self.delays = settings.webhook_retry_delays
         self.client = httpx.AsyncClient(
             follow_redirects=False,
@@ -119,7 +120,7 @@ class WebhookSender:
         try:
             url = parse_webhook_url(message.url)
             addresses = await resolve_webhook_url(
-                url, self.addresses, timeout=self.settings.resolve_timeout
+                url, self.addresses, timeout=self.settings.resolve_timeout, lookups=self.lookups
             )
         except WebhookUrlError as exc:
             return None, str(exc), None
