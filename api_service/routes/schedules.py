@@ -15,11 +15,10 @@ from starlette.routing import Route
 
 from api_service.dispatcher import publish_or_leave
 from api_service.errors import ApiError
-from api_service.requests import ParsedScan, read_json, validate_model, validation_error
+from api_service.requests import read_json, validate_model, validation_error
 from api_service.responses import ORJSONResponse
 from api_service.routes.common import caller, db_unavailable, services, uuid_param
 from api_service.status import DB_ERRORS
-from shared.protocol import time_limits
 from shared.schedule_store import ScheduleBusy
 from shared.schedules import (
     Refusal,
@@ -29,7 +28,6 @@ from shared.schedules import (
     ScheduleRun,
     ScheduleUpdate,
 )
-from shared.schemas import ScanRequest, ScanTaskPayload
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -148,35 +146,11 @@ async def run_schedule_now(request: Request) -> Response:
     if schedule is None:
         raise ApiError(404, f"no schedule with id {schedule_id}")
     scan_id, task_id = uuid4(), uuid4()
-    try:
-        parsed = ParsedScan(
-            ScanRequest(
-                target=schedule.target,
-                ports=schedule.ports,
-                config=schedule.config,
-                priority=schedule.priority,
-            ),
-            svc.settings,
-        )
-    except ValidationError as exc:
-        await svc.limiter.charge(owner)
-        raise validation_error(exc) from None
-    except ApiError:
-        await svc.limiter.charge(owner)
-        raise
-    payload = ScanTaskPayload(
-        scan_id=scan_id,
-        target=schedule.target,
-        ports=schedule.ports,
-        config=schedule.config,
-        priority=schedule.priority,
-    )
-    hard_limit, _soft = time_limits(
-        payload, parsed.port_count, parsed.hosts, cap=svc.settings.max_scan_seconds
-    )
     if schedule.priority == "critical":  # written before schedules refused it
         await svc.limiter.admit_critical(owner)
-    await svc.limiter.admit(owner, task_id, scan_id, hard_limit)
+    # Admitted (and counted) before the check, as a submission is: a refusal costs the key a
+    # submission. The slot is held like a queued scan's (the worker re-scores it at its start).
+    await svc.limiter.admit(owner, task_id, scan_id, svc.settings.result_ttl)
     refused = await svc.schedule_check(schedule)
     if refused is not None:
         await svc.limiter.release(owner, task_id)
