@@ -129,7 +129,7 @@ async def test_a_schedules_exclusions_are_denied_by_the_worker_itself(
     await publisher.publish(build_scan_message(task_id, payload, port_count=1))
 
     result: AsyncResult[dict[str, Any]] = AsyncResult(str(task_id), app=stock_celery)
-    with pytest.raises(Exception, match="denied|not allowed"):
+    with pytest.raises(Exception, match=r"denied|not allowed"):
         await asyncio.to_thread(result.get, timeout=30)
     row = await store.get(scan_id)
     assert row is not None
