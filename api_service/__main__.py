@@ -20,6 +20,7 @@ def main() -> None:
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=settings.shutdown_timeout,
         proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
     )
 
 

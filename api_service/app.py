@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from api_service.auth import Authenticator
+from api_service.dispatcher import ScheduleCheck
 from api_service.errors import EXCEPTION_HANDLERS
 from api_service.events import EventStreams, EventWriter
 from api_service.limits import Limiter
@@ -24,8 +25,11 @@ from api_service.ui import ui_routes
 from api_service.ui.session import SessionCookies, stored_secret
 from shared.keys import KeyStore
 from shared.policy import TargetPolicy
+from shared.schedule_store import ScheduleStore
 from shared.settings import Settings
 from shared.store import ScanStore, create_pool
+from shared.webhook_store import WebhookStore
+from shared.webhooks import WebhookAddresses
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,10 @@ class Services:
     events: EventWriter
     streams: EventStreams
     lookups: asyncio.Semaphore
+    schedules: ScheduleStore
+    webhooks: WebhookStore
+    webhook_addresses: WebhookAddresses
+    schedule_check: ScheduleCheck
 
 
 async def register_env_keys(keys: KeyStore, settings: Settings) -> None:
@@ -87,6 +95,8 @@ def create_app(settings: Settings) -> Starlette:
         app.state.ui_cookies = SessionCookies(
             await stored_secret(pool), settings.ui_session_seconds
         )
+        policy = TargetPolicy(settings.target_allow, settings.target_deny)
+        lookups = asyncio.Semaphore(settings.max_concurrent_lookups)
         app.state.services = Services(
             settings=settings,
             store=store,
@@ -103,10 +113,14 @@ def create_app(settings: Settings) -> Starlette:
                 owner_ttl=settings.result_ttl,
                 critical_per_minute=settings.critical_per_minute,
             ),
-            policy=TargetPolicy(settings.target_allow, settings.target_deny),
+            policy=policy,
             events=EventWriter(redis, settings.redis_prefix, settings.result_ttl),
             streams=streams,
-            lookups=asyncio.Semaphore(settings.max_concurrent_lookups),
+            lookups=lookups,
+            schedules=ScheduleStore(pool),
+            webhooks=WebhookStore(pool),
+            webhook_addresses=WebhookAddresses.from_settings(settings),
+            schedule_check=ScheduleCheck(settings, policy, lookups),
         )
         try:
             yield

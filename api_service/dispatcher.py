@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from dataclasses import dataclass
@@ -22,17 +23,14 @@ import asyncpg
 
 from api_service.publisher import AmqpPublisher, PublishFailed, TaskPublisher
 from api_service.webhook_sender import WebhookSender
-from shared.errors import ResolutionFailed, TargetDenied
 from shared.logging import configure_logging
 from shared.policy import TargetPolicy
 from shared.protocol import TaskMessage
-from shared.resolve import resolve_target
 from shared.retry import DATABASE_ERRORS as DB_ERRORS
 from shared.schedule_store import FiredRun, ScheduleStore
-from shared.schedules import Schedule, ScheduleCreate
+from shared.schedules import Refusal, Schedule, ScheduleCreate, check_schedule
 from shared.settings import Settings, load_settings
 from shared.store import create_pool
-from shared.targets import TargetError, parse_target
 from shared.webhook_store import WebhookStore
 
 log = logging.getLogger(__name__)
@@ -46,22 +44,32 @@ class TickReport:
     deliveries: int
 
 
-class TargetCheck:
-    """The gateway's target policy at the moment a run fires, plus the schedule's exclusions."""
+class ScheduleCheck:
+    """:func:`check_schedule` with the gateway's target policy, built once."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        policy: TargetPolicy | None = None,
+        lookups: asyncio.Semaphore | None = None,
+    ) -> None:
         self.settings = settings
+        self.policy = policy or TargetPolicy(settings.target_allow, settings.target_deny)
+        self.lookups = lookups or asyncio.Semaphore(settings.max_concurrent_lookups)
 
-    async def __call__(self, schedule: Schedule | ScheduleCreate) -> str | None:
-        policy = TargetPolicy(
-            self.settings.target_allow, (*self.settings.target_deny, *schedule.exclude)
-        )
-        try:
-            target = parse_target(schedule.target, max_hosts=self.settings.max_hosts)
-            await resolve_target(target, policy, timeout=self.settings.resolve_timeout)
-        except (TargetDenied, ResolutionFailed, TargetError) as exc:
-            return f"schedule run refused: {exc}"
-        return None
+    async def __call__(self, schedule: Schedule | ScheduleCreate) -> Refusal | None:
+        return await check_schedule(schedule, self.settings, self.policy, lookups=self.lookups)
+
+
+async def publish_or_leave(publisher: TaskPublisher, message: TaskMessage) -> bool:
+    """Publish a recorded scan's message; False (the row stays in the outbox, for a
+    dispatcher's next tick) when the broker did not confirm it."""
+    try:
+        await publisher.publish(message)
+    except PublishFailed as exc:
+        log.warning("scan message %s not confirmed: %s", message.correlation_id, exc)
+        return False
+    return True
 
 
 class Dispatcher:
@@ -77,15 +85,7 @@ class Dispatcher:
         self.webhooks = WebhookStore(pool)
         self.publisher = publisher
         self.sender = sender or WebhookSender(settings)
-        self.check = TargetCheck(settings)
-
-    async def publish(self, message: TaskMessage) -> bool:
-        try:
-            await self.publisher.publish(message)
-        except PublishFailed as exc:
-            log.warning("scan message %s not confirmed: %s", message.correlation_id, exc)
-            return False
-        return True
+        self.check = ScheduleCheck(settings)
 
     async def tick(self, now: datetime | None = None) -> TickReport:
         """One pass over everything due at ``now`` (the wall clock by default)."""
@@ -100,7 +100,8 @@ class Dispatcher:
                 f" refused ({run.error})" if run.error else "",
             )
         published = await self.schedules.publish_pending(
-            self.publish, max_seconds=self.settings.max_scan_seconds
+            functools.partial(publish_or_leave, self.publisher),
+            max_seconds=self.settings.max_scan_seconds,
         )
         events = await self.webhooks.collect_events()
         deliveries = await self.sender.deliver_due(self.webhooks, now)
@@ -114,6 +115,10 @@ class Dispatcher:
                 await self.tick()
             except DB_ERRORS as exc:
                 log.warning("dispatcher tick failed, retrying next tick: %r", exc)
+            except Exception:
+                # A dispatcher that dies on what it did not foresee stops every schedule;
+                # one that logs it and ticks again stops only what keeps failing.
+                log.exception("dispatcher tick failed unexpectedly, retrying next tick")
             else:
                 await asyncio.to_thread(heartbeat.touch)
             with contextlib.suppress(TimeoutError):

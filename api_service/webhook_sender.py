@@ -23,8 +23,8 @@ from standardwebhooks.webhooks import Webhook as Signer
 from shared.settings import Settings
 from shared.webhook_store import AttemptOutcome, DueMessage, WebhookStore, body_of
 from shared.webhooks import (
+    WebhookAddresses,
     WebhookUrlError,
-    allow_networks,
     parse_webhook_url,
     resolve_webhook_url,
 )
@@ -54,7 +54,8 @@ class WebhookSender:
     def __init__(self, settings: Settings, *, verify: ssl.SSLContext | bool = True) -> None:
         """``verify``: how receivers' TLS certificates are checked (the system's CAs)."""
         self.settings = settings
-        self.allow = allow_networks(settings.webhook_allow_networks)
+        self.addresses = WebhookAddresses.from_settings(settings)
+        self.lookups = asyncio.Semaphore(settings.max_concurrent_lookups)
         self.delays = settings.webhook_retry_delays
         self.client = httpx.AsyncClient(
             follow_redirects=False,
@@ -70,7 +71,9 @@ class WebhookSender:
         await self.client.aclose()
 
     async def deliver_due(self, store: WebhookStore, now: datetime) -> int:
-        return await store.claim_due(now, lambda due: self._send_all(due, now))
+        # The lease outlasts an attempt: a lookup, then the request itself.
+        lease = 2 * (self.settings.resolve_timeout + self.settings.webhook_timeout) + 30
+        return await store.claim_due(now, lambda due: self._send_all(due, now), lease_seconds=lease)
 
     async def _send_all(self, due: list[DueMessage], now: datetime) -> list[AttemptOutcome]:
         return list(await asyncio.gather(*(self.attempt(message, now) for message in due)))
@@ -117,7 +120,7 @@ class WebhookSender:
         try:
             url = parse_webhook_url(message.url)
             addresses = await resolve_webhook_url(
-                url, self.allow, timeout=self.settings.resolve_timeout
+                url, self.addresses, timeout=self.settings.resolve_timeout, lookups=self.lookups
             )
         except WebhookUrlError as exc:
             return None, str(exc), None

@@ -58,13 +58,6 @@ class KeyStore:
         )
         return key_id
 
-    async def is_active(self, key_id: UUID) -> bool:
-        """Whether the key with this id exists and is not revoked (a dashboard session's check)."""
-        active: bool | None = await self.pool.fetchval(
-            "SELECT revoked_at IS NULL FROM api_keys WHERE id = $1", key_id
-        )
-        return bool(active)
-
     async def list(self) -> list[ApiKey]:
         rows = await self.pool.fetch(
             "SELECT id, name, key_prefix, source, created_at, revoked_at FROM api_keys"

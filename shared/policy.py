@@ -11,6 +11,7 @@ hostname).
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +32,12 @@ DEFAULT_DENY: tuple[tuple[str, IPNetwork], ...] = tuple(
     )
     for cidr in cidrs
 )
+
+METADATA: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("169.254.169.254/32"),  # AWS, GCP, Azure IMDS, OpenStack
+    *(network for reason, network in DEFAULT_DENY if reason == "cloud metadata"),
+)
+"""Cloud metadata services: no allow list of any kind may lift these."""
 
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 
@@ -161,8 +168,35 @@ class TargetPolicy:
         if ip in self.own:
             raise TargetDenied(f"{ip} is an address of this host, denied by default")
 
+    def excluding(self, exclude: Iterable[str]) -> TargetPolicy:
+        """This policy with a scan's own exclusions (its payload's ``exclude``) as deny
+        entries; ``self`` when there are none."""
+        networks = exclusion_networks(exclude)
+        if not networks:
+            return self
+        narrowed = copy.copy(self)
+        narrowed.deny = _Rules(
+            (*self.deny.networks, *networks), self.deny.names, self.deny.suffixes
+        )
+        return narrowed
+
     def check_network(self, network: IPNetwork) -> None:
         from shared.targets import network_hosts
 
         for host in network_hosts(network):
             self.check_address(host)
+
+
+def exclusion_networks(exclude: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """A scan's own exclusions (addresses and CIDR blocks, as a schedule carries them in its
+    task payload's ``exclude``) as deny networks."""
+    return _Rules.parse(exclude).networks
+
+
+def excluded_by(address: IPAddress, exclude: Iterable[str]) -> IPNetwork | None:
+    """The exclusion that holds ``address`` (or an IPv4 address it embeds), or None."""
+    for network in exclusion_networks(exclude):
+        for candidate in (address, *embedded_ipv4(address)):
+            if candidate.version == network.version and candidate in network:
+                return network
+    return None

@@ -38,18 +38,28 @@ async def resolve_target(
             policy.check_address(host)
         return [str(host) for host in hosts]
     policy.check_hostname(target.value)
-    try:
-        async with asyncio.timeout(timeout):
-            infos = await _getaddrinfo(target.value, lookups)
-    except TimeoutError:
-        raise ResolutionFailed(f"{target.value} did not resolve within {timeout}s") from None
-    except socket.gaierror as exc:
-        raise ResolutionFailed(f"{target.value} does not resolve: {exc.strerror}") from None
-    addresses = sorted({str(info[4][0]) for info in infos}, key=lambda a: (":" in a, a))
-    if not addresses:
-        raise ResolutionFailed(f"{target.value} resolved to no address")
+    addresses = await resolve_name(target.value, timeout=timeout, lookups=lookups)
     for address in addresses:
         policy.check_address(address)
+    return addresses
+
+
+async def resolve_name(
+    name: str, *, timeout: float, lookups: asyncio.Semaphore | None = None
+) -> list[str]:
+    """The addresses a host name resolves to (IPv4 first, scope ids dropped), bounded as
+    :func:`resolve_target` describes; raises ResolutionFailed."""
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await _getaddrinfo(name, lookups)
+    except TimeoutError:
+        raise ResolutionFailed(f"{name} did not resolve within {timeout}s") from None
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ResolutionFailed(f"{name} does not resolve: {exc}") from None
+    found = {str(info[4][0]).partition("%")[0] for info in infos}
+    addresses = sorted(found, key=lambda a: (":" in a, a))
+    if not addresses:
+        raise ResolutionFailed(f"{name} resolved to no address")
     return addresses
 
 

@@ -14,8 +14,10 @@ Interval schedules count from their creation (or last timing edit) in plain UTC 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -25,7 +27,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.errors import ResolutionFailed, TargetDenied
+from shared.policy import TargetPolicy, excluded_by
+from shared.ports import PortSpecError, count_ports, parse_port_ranges
+from shared.resolve import resolve_target
 from shared.schemas import Priority, ScanConfig, ScanRequest
+from shared.settings import Settings
+from shared.targets import TargetError, parse_target
 
 MisfirePolicy = Literal["skip", "run_once"]
 MIN_INTERVAL = 60
@@ -98,6 +106,15 @@ class ScheduleCreate(ScanRequest):
     def _exclude(cls, value: list[str]) -> list[str]:
         return _check_exclude(value)
 
+    @field_validator("priority")
+    @classmethod
+    def _not_critical(cls, value: Priority) -> Priority:
+        # Critical scans jump every queue and a key has only a share of them a minute; a
+        # timed run cannot wait for that share, so schedules run at high priority at most.
+        if value == "critical":
+            raise ValueError("schedules run at high priority at most, not critical")
+        return value
+
     @model_validator(mode="after")
     def _one_timing(self) -> ScheduleCreate:
         if (self.cron is None) == (self.interval_seconds is None):
@@ -149,6 +166,8 @@ class Schedule(_Strict):
     misfire_grace_seconds: int
     exclude: list[str]
     next_run_at: datetime | None
+    parked_reason: str | None = None
+    """Why the dispatcher stopped firing this schedule (an edit clears it), or None."""
     last_run_at: datetime | None
     created_at: datetime
     updated_at: datetime
@@ -291,3 +310,70 @@ def plan_tick(
     latest = latest_due(timing, due, now, anchor)
     fire = misfire_decision(latest, now, policy, grace_seconds) == "fire"
     return TickPlan(latest if fire else None, timing.next_after(now, anchor=anchor))
+
+
+# --- may it run ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a schedule (or one of its runs) may not go ahead."""
+
+    reason: str
+    code: Literal["invalid", "target_denied", "unresolvable_target"]
+    field: str | None = None
+    transient: bool = False
+    """A resolution that failed now and may succeed on a later try."""
+
+
+async def check_schedule(
+    schedule: Schedule | ScheduleCreate,
+    settings: Settings,
+    policy: TargetPolicy,
+    *,
+    lookups: asyncio.Semaphore | None = None,
+) -> Refusal | None:
+    """The per-scan bounds (ports, hosts, concurrency), the target policy and the schedule's
+    exclusions, as ``POST /api/scan`` applies them: checked when a schedule is written and
+    again when each run fires. Ports are counted, never expanded."""
+    try:
+        port_count = count_ports(parse_port_ranges(schedule.ports))
+    except PortSpecError as exc:
+        return Refusal(str(exc), "invalid", "ports")
+    if port_count > settings.max_ports:
+        bound = settings.max_ports
+        return Refusal(f"{port_count} ports requested; the bound is {bound}", "invalid", "ports")
+    if schedule.config.max_concurrent > settings.max_concurrency:
+        return Refusal(
+            f"max_concurrent {schedule.config.max_concurrent} is over the bound "
+            f"{settings.max_concurrency}",
+            "invalid",
+            "config.max_concurrent",
+        )
+    try:
+        target = parse_target(schedule.target, max_hosts=settings.max_hosts)
+        addresses = await resolve_target(
+            target, policy, timeout=settings.resolve_timeout, lookups=lookups
+        )
+    except TargetError as exc:
+        return Refusal(str(exc), "invalid", "target")
+    except TargetDenied:
+        # Neither the address nor the rule: both would map the network for whoever asks.
+        return Refusal(f"{schedule.target} is not allowed by the target policy", "target_denied")
+    except ResolutionFailed as exc:
+        return Refusal(str(exc), "unresolvable_target", "target", transient=True)
+    return _excluded(schedule, addresses)
+
+
+def _excluded(schedule: Schedule | ScheduleCreate, addresses: Sequence[str]) -> Refusal | None:
+    if not schedule.exclude:
+        return None
+    for address in addresses:
+        matched = excluded_by(ipaddress.ip_address(address), schedule.exclude)
+        if matched is not None:
+            return Refusal(
+                f"{schedule.target} is inside the schedule's exclusion {matched}",
+                "target_denied",
+                "exclude",
+            )
+    return None

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from shared.ports import format_port_ranges, parse_port_ranges
 from shared.targets import MAX_HOSTS_LIMIT, parse_target
@@ -18,6 +26,8 @@ ScanState = Literal["queued", "running", EndedScanState]
 TaskState = Literal["PENDING", "STARTED", "PROGRESS", "SUCCESS", "FAILURE", "RETRY", "REVOKED"]
 
 PAYLOAD_VERSION: Literal[1] = 1
+EXCLUDE_VERSION: Literal[2] = 2
+"""The payload version that added ``exclude``."""
 
 MAX_BANNER_CHARS = 512
 """A stored banner is cut to this; what a port sends first rarely needs more to be told."""
@@ -80,12 +90,29 @@ class ScanRequest(_Strict):
 class ScanTaskPayload(_Strict):
     """The single positional argument of the scan task, as it travels on the wire."""
 
-    version: Literal[1] = PAYLOAD_VERSION
+    version: Literal[1, 2] = PAYLOAD_VERSION
     scan_id: UUID
     target: str
     ports: str
     config: ScanConfig
     priority: Priority
+    exclude: tuple[str, ...] = Field(default=(), max_length=256)
+    """Since version 2: addresses and CIDR blocks this scan must not touch (a schedule's
+    exclusions), applied by the worker as deny entries (``TargetPolicy.excluding``)."""
+
+    @model_validator(mode="after")
+    def _exclude_needs_v2(self) -> ScanTaskPayload:
+        if self.exclude and self.version < EXCLUDE_VERSION:
+            raise ValueError(f"exclude needs payload version {EXCLUDE_VERSION}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_exclude(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A payload without exclusions stays the version-1 message it always was.
+        data: dict[str, Any] = handler(self)
+        if not self.exclude:
+            data.pop("exclude", None)
+        return data
 
 
 class PortResult(_Strict):
@@ -241,6 +268,7 @@ class ScanSummary(_Strict):
     finished_at: datetime | None = None
     open_ports: int | None = None
     error: str | None = None
+    schedule_id: UUID | None = Field(default=None, description="The schedule that made it, if any")
 
 
 class ScanPage(_Strict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -147,8 +148,9 @@ class Settings(BaseSettings):
     # --- schedules and webhooks (issue 17): the dispatcher's settings ---
     dispatcher_interval: float = Field(default=2.0, gt=0, le=60)
     """Seconds between two ticks of a dispatcher (due schedules, unsent messages, webhooks)."""
-    webhook_allow_networks: Annotated[tuple[str, ...], NoDecode] = ()
-    """CIDRs a webhook URL may resolve to besides global addresses (e.g. an internal receiver)."""
+    webhook_allow_networks: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = ()
+    """CIDRs a webhook URL may resolve to besides global addresses (e.g. an internal receiver),
+    parsed when the settings load. The target deny list and cloud metadata still win."""
     webhook_timeout: float = Field(default=10.0, gt=0, le=60)
     """Seconds one webhook delivery attempt may take, connect to last byte read."""
     webhook_max_response_bytes: int = Field(default=65_536, ge=0)
@@ -169,7 +171,16 @@ class Settings(BaseSettings):
     @classmethod
     def _split_networks(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(item.strip() for item in value.split(",") if item.strip())
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list | tuple):
+            networks: list[object] = []
+            for item in value:
+                try:
+                    parsed = ip_network(item, strict=False) if isinstance(item, str) else item
+                except ValueError:
+                    raise ValueError(f"webhook_allow_networks: {item!r} is not a CIDR") from None
+                networks.append(parsed)
+            return tuple(networks)
         return value
 
     @field_validator("webhook_retry_schedule")
@@ -185,11 +196,16 @@ class Settings(BaseSettings):
 
     @property
     def webhook_retry_delays(self) -> tuple[float, ...]:
+        """``webhook_retry_schedule`` parsed (checked when the settings loaded); the sender
+        reads it once. Not cached here: ``model_copy`` would carry a stale copy along."""
         return tuple(float(part) for part in self.webhook_retry_schedule.split(","))
 
     # Web dashboard (issue 18): the gateway's /ui pages and their session cookie.
     ui_session_seconds: int = Field(default=28_800, ge=60)
     """How long a dashboard sign-in lasts."""
+    forwarded_allow_ips: str = "127.0.0.1"
+    """Proxies (comma-separated addresses, or ``*``) whose X-Forwarded-Proto and -For the API
+    trusts; the dashboard's cookie is ``Secure`` when such a proxy says the client used https."""
 
     # Network scanning (issue 15): pacing, timing floor and tarpit detection of the engine.
     probe_rate_ceiling: int = Field(default=0, ge=0)
@@ -236,7 +252,7 @@ class Settings(BaseSettings):
         """The ``CYBERSEC_*`` variables that make another process read exactly these settings."""
         environ = {}
         for name, value in self.model_dump().items():
-            text = ",".join(value) if isinstance(value, tuple) else str(value)
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
             environ[f"{ENV_PREFIX}{name.upper()}"] = text
         return environ
 

@@ -121,6 +121,7 @@ class ScanListing:
     finished_at: datetime | None
     error: str | None
     open_port_count: int | None
+    schedule_id: UUID | None
 
 
 _LISTING_COLUMNS = ", ".join(ScanListing.__dataclass_fields__)

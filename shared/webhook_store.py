@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any, TypeAlias
+from datetime import datetime
+from typing import Any, Literal, TypeAlias
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -18,7 +18,9 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from shared.diff import diff_results
-from shared.schemas import ScanResult
+from shared.ports import parse_port_ranges
+from shared.schedule_store import lock_owner
+from shared.schemas import PortResult, ScanResult
 from shared.webhooks import (
     Delivery,
     DeliveryAttempt,
@@ -31,6 +33,7 @@ from shared.webhooks import (
 )
 
 Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+Redelivery = Literal["queued", "missing", "disabled"]
 
 
 def _webhook(record: asyncpg.Record) -> Webhook:
@@ -71,19 +74,21 @@ class WebhookStore:
     ) -> WebhookCreated | None:
         """The new webhook with its secret; None when the owner already has ``limit``."""
         secret = new_secret()
-        record = await self.pool.fetchrow(
-            "INSERT INTO webhooks (id, api_key_id, url, events, schedule_id, target, secret)"
-            " SELECT $1, $2, $3, $4, $5, $6, $7"
-            " WHERE (SELECT count(*) FROM webhooks WHERE api_key_id = $2) < $8 RETURNING *",
-            uuid4(),
-            owner,
-            spec.url,
-            list(spec.events),
-            spec.schedule_id,
-            spec.target,
-            secret,
-            limit,
-        )
+        async with self.pool.acquire() as conn, conn.transaction():
+            await lock_owner(conn, owner, "webhooks")
+            record = await conn.fetchrow(
+                "INSERT INTO webhooks (id, api_key_id, url, events, schedule_id, target, secret)"
+                " SELECT $1, $2, $3, $4, $5, $6, $7"
+                " WHERE (SELECT count(*) FROM webhooks WHERE api_key_id = $2) < $8 RETURNING *",
+                uuid4(),
+                owner,
+                spec.url,
+                list(spec.events),
+                spec.schedule_id,
+                spec.target,
+                secret,
+                limit,
+            )
         if record is None:
             return None
         return WebhookCreated(**_webhook(record).model_dump(), secret=secret)
@@ -143,15 +148,39 @@ class WebhookStore:
             for m in messages
         ]
 
-    async def redeliver(self, webhook_id: UUID, message_id: str) -> bool:
-        """Send a message again from its first attempt; re-enables nothing."""
-        found = await self.pool.fetchval(
-            "UPDATE webhook_messages SET state = 'pending', attempts = 0, next_attempt_at = now()"
-            " WHERE id = $1 AND webhook_id = $2 RETURNING id",
-            message_id,
+    async def redeliver(self, webhook_id: UUID, message_id: str) -> Redelivery:
+        """Send a message again from its first attempt. A disabled endpoint sends nothing,
+        so its messages are not queued again: re-enable it first."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            enabled = await conn.fetchval(
+                "SELECT enabled FROM webhooks WHERE id = $1 FOR SHARE", webhook_id
+            )
+            if enabled is None:
+                return "missing"
+            if not enabled:
+                return "disabled"
+            found = await conn.fetchval(
+                "UPDATE webhook_messages SET state = 'pending', attempts = 0,"
+                " next_attempt_at = now(), leased_until = NULL"
+                " WHERE id = $1 AND webhook_id = $2 RETURNING id",
+                message_id,
+                webhook_id,
+            )
+        return "queued" if found is not None else "missing"
+
+    async def set_enabled(self, owner: UUID, webhook_id: UUID, enabled: bool) -> Webhook | None:
+        """Turn an endpoint on or off; turning it on forgets why it was disabled and since
+        when it failed, so the automatic disabling counts afresh."""
+        record = await self.pool.fetchrow(
+            "UPDATE webhooks SET enabled = $3,"
+            " disabled_reason = CASE WHEN $3 THEN NULL ELSE disabled_reason END,"
+            " failing_since = CASE WHEN $3 THEN NULL ELSE failing_since END"
+            " WHERE id = $1 AND api_key_id = $2 RETURNING *",
             webhook_id,
+            owner,
+            enabled,
         )
-        return found is not None
+        return _webhook(record) if record is not None else None
 
     async def collect_events(self, limit: int = 100) -> int:
         """Turn finished scans into messages for the endpoints that want them; returns how
@@ -173,8 +202,10 @@ class WebhookStore:
 
     async def _messages_for(self, conn: Conn, scan: asyncpg.Record, state: str) -> None:
         hooks = await conn.fetch(
-            "SELECT id, events FROM webhooks WHERE api_key_id = $1 AND enabled"
-            " AND (schedule_id IS NULL OR schedule_id = $2) AND (target IS NULL OR target = $3)",
+            "SELECT w.id, w.events FROM webhooks w JOIN api_keys k ON k.id = w.api_key_id"
+            " WHERE w.api_key_id = $1 AND w.enabled AND k.revoked_at IS NULL"
+            " AND (w.schedule_id IS NULL OR w.schedule_id = $2)"
+            " AND (w.target IS NULL OR w.target = $3)",
             scan["api_key_id"],
             scan["schedule_id"],
             scan["target"],
@@ -218,59 +249,79 @@ class WebhookStore:
     async def _changes(
         self, conn: Conn, scan: asyncpg.Record, result: ScanResult
     ) -> dict[str, Any] | None:
-        previous = await conn.fetchrow(
-            "SELECT task_id, result FROM scans WHERE api_key_id = $1 AND target = $2"
-            " AND state = 'completed' AND result IS NOT NULL AND created_at <= $3 AND id <> $4"
-            " ORDER BY created_at DESC, id DESC LIMIT 1",
-            scan["api_key_id"],
-            scan["target"],
-            scan["created_at"],
-            scan["id"],
-        )
+        """The diff against the previous completed run of the same schedule (a scheduled
+        scan), or else the key's previous completed scan of the target."""
+        if scan["schedule_id"] is not None:
+            previous = await conn.fetchrow(
+                "SELECT task_id, result FROM scans WHERE schedule_id = $1"
+                " AND state = 'completed' AND result IS NOT NULL AND created_at <= $2"
+                " AND id <> $3 ORDER BY created_at DESC, id DESC LIMIT 1",
+                scan["schedule_id"],
+                scan["created_at"],
+                scan["id"],
+            )
+        else:
+            previous = await conn.fetchrow(
+                "SELECT task_id, result FROM scans WHERE api_key_id = $1 AND target = $2"
+                " AND state = 'completed' AND result IS NOT NULL AND created_at <= $3"
+                " AND id <> $4 ORDER BY created_at DESC, id DESC LIMIT 1",
+                scan["api_key_id"],
+                scan["target"],
+                scan["created_at"],
+                scan["id"],
+            )
         if previous is None:
             return None
-        diff = diff_results(
+        return alert_diff(
             ScanResult.model_validate(previous["result"]),
             result,
             old_task_id=previous["task_id"],
             new_task_id=scan["task_id"],
         )
-        return diff.model_dump(mode="json") if diff.has_changes else None
 
     async def claim_due(
         self,
         now: datetime,
         send: Callable[[list[DueMessage]], Awaitable[list[AttemptOutcome]]],
         limit: int = 20,
+        lease_seconds: float = 120.0,
     ) -> int:
-        """Lock the messages due at ``now``, let ``send`` try each, write what came of it."""
+        """Lease the messages due at ``now`` for ``lease_seconds``, let ``send`` try each with
+        no transaction open, then write what came of each. A dispatcher that dies meanwhile
+        leaves its messages to another once the lease ends."""
         async with self.pool.acquire() as conn, conn.transaction():
             records = await conn.fetch(
-                "SELECT m.id, m.webhook_id, m.event_type, m.payload, m.attempts, w.url,"
-                " w.secret, w.failing_since FROM webhook_messages m"
-                " JOIN webhooks w ON w.id = m.webhook_id"
+                "WITH due AS (SELECT m.id FROM webhook_messages m"
+                " JOIN webhooks w ON w.id = m.webhook_id JOIN api_keys k ON k.id = w.api_key_id"
                 " WHERE m.state = 'pending' AND m.next_attempt_at <= $1 AND w.enabled"
-                " ORDER BY m.next_attempt_at LIMIT $2 FOR UPDATE OF m SKIP LOCKED",
+                " AND k.revoked_at IS NULL AND (m.leased_until IS NULL OR m.leased_until <= $1)"
+                " ORDER BY m.next_attempt_at LIMIT $2 FOR UPDATE OF m SKIP LOCKED)"
+                " UPDATE webhook_messages m SET leased_until = $1 + make_interval(secs => $3)"
+                " FROM due, webhooks w WHERE m.id = due.id AND w.id = m.webhook_id"
+                " RETURNING m.id, m.webhook_id, m.event_type, m.payload, m.attempts, w.url,"
+                " w.secret, w.failing_since",
                 now,
                 limit,
+                lease_seconds,
             )
-            due = [
-                DueMessage(
-                    id=r["id"],
-                    webhook_id=r["webhook_id"],
-                    url=r["url"],
-                    secret=r["secret"],
-                    event_type=r["event_type"],
-                    payload=r["payload"],
-                    attempts=r["attempts"],
-                    failing_since=r["failing_since"],
-                )
-                for r in records
-            ]
-            if not due:
-                return 0
-            outcomes = await send(due)
-            for message, outcome in zip(due, outcomes, strict=True):
+        due = [
+            DueMessage(
+                id=r["id"],
+                webhook_id=r["webhook_id"],
+                url=r["url"],
+                secret=r["secret"],
+                event_type=r["event_type"],
+                payload=r["payload"],
+                attempts=r["attempts"],
+                failing_since=r["failing_since"],
+            )
+            for r in records
+        ]
+        if not due:
+            return 0
+        outcomes = await send(due)
+        for message, outcome in zip(due, outcomes, strict=True):
+            async with self.pool.acquire() as conn, conn.transaction():
                 await self._finish(conn, message, outcome, now)
         return len(due)
 
@@ -290,7 +341,7 @@ class WebhookStore:
             outcome.duration_ms,
         )
         await conn.execute(
-            "UPDATE webhook_messages SET attempts = attempts + 1, state = $2,"
+            "UPDATE webhook_messages SET attempts = attempts + 1, state = $2, leased_until = NULL,"
             " next_attempt_at = COALESCE($3, next_attempt_at),"
             " delivered_at = CASE WHEN $2 = 'delivered' THEN now() END WHERE id = $1",
             message.id,
@@ -327,5 +378,39 @@ def body_of(payload: dict[str, Any]) -> str:
     return orjson.dumps(payload).decode()
 
 
-def retry_at(now: datetime, delay: float) -> datetime:
-    return now + timedelta(seconds=delay)
+def alert_diff(
+    old: ScanResult,
+    new: ScanResult,
+    *,
+    old_task_id: UUID | None = None,
+    new_task_id: UUID | None = None,
+) -> dict[str, Any] | None:
+    """The ``ports.changed`` diff, or None when nothing changed.
+
+    A port open now that lay outside the old scan's ports or addresses was not scanned
+    before: listed as ``not_scanned_before``, never as newly open. An address in either
+    scan's ``capped_addresses`` (only part of its open ports listed) is not compared."""
+    diff = diff_results(old, new, old_task_id=old_task_id, new_task_id=new_task_id)
+    capped = {*old.capped_addresses, *new.capped_addresses}
+    ranges = parse_port_ranges(old.ports)
+    addresses = set(old.addresses)
+
+    def scanned_before(port: PortResult) -> bool:
+        in_ports = any(low <= port.port <= high for low, high in ranges)
+        return in_ports and (not addresses or port.address in addresses)
+
+    newly_open = [p for p in diff.newly_open if p.address not in capped]
+    trimmed = diff.model_copy(
+        update={
+            "newly_open": [p for p in newly_open if scanned_before(p)],
+            "newly_closed": [p for p in diff.newly_closed if p.address not in capped],
+            "changed": [c for c in diff.changed if c.address not in capped],
+        }
+    )
+    if not trimmed.has_changes:
+        return None
+    body = trimmed.model_dump(mode="json")
+    body["not_scanned_before"] = [
+        p.model_dump(mode="json") for p in newly_open if not scanned_before(p)
+    ]
+    return body

@@ -2,9 +2,10 @@
 
 A webhook URL is checked twice, when it is registered and before every attempt: http(s) only,
 no credentials, no odd IP spellings (``0x7f.1``, ``2130706433``, ``0177.0.0.1``); every address
-its host resolves to must be global (not loopback, private, link-local, metadata, shared or
-reserved) unless an operator lists its network in ``CYBERSEC_WEBHOOK_ALLOW_NETWORKS``. The
-sender then connects to the address it checked.
+its host resolves to must pass :class:`WebhookAddresses` (the target policy's deny list and
+cloud metadata always refuse; otherwise global unicast only, unless an operator lists its
+network in ``CYBERSEC_WEBHOOK_ALLOW_NETWORKS``). The sender then connects to the address it
+checked.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import base64
 import ipaddress
 import re
 import secrets
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +24,10 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.errors import ResolutionFailed, TargetDenied
+from shared.policy import METADATA, TargetPolicy, embedded_ipv4
+from shared.resolve import resolve_name
+from shared.settings import Settings
 from shared.targets import MAX_HOSTS_LIMIT, IPAddress, IPNetwork, parse_target
 
 EventType = Literal["scan.completed", "scan.failed", "ports.changed"]
@@ -59,6 +63,12 @@ class WebhookCreate(_Strict):
     @classmethod
     def _target(cls, value: str | None) -> str | None:
         return None if value is None else parse_target(value, max_hosts=MAX_HOSTS_LIMIT).value
+
+
+class WebhookUpdate(_Strict):
+    """PATCH body: turn an endpoint off, or on again after it was disabled."""
+
+    enabled: bool
 
 
 class Webhook(_Strict):
@@ -191,56 +201,87 @@ def _canonical_host(host: str, *, bracketed: bool) -> str:
     return host
 
 
-_ALWAYS_DENIED = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("64:ff9b::/96"))
+_GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
 
 
-def address_refused(
-    address: IPAddress, allow: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
-) -> str | None:
-    """Why webhooks may not go to this address, or None."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    for network in allow:
-        if address.version == network.version and address in network:
-            return None
-    if any(address.version == n.version and address in n for n in _ALWAYS_DENIED):
-        return f"{address} is not a global address"
+class WebhookAddresses:
+    """Which addresses webhooks may go to: the target policy's (one address policy, built
+    once), with the webhook allow list in place of the target allow list, and global
+    addresses only unless allowed.
+
+    Deny wins over allow: the target deny list and the cloud metadata addresses refuse an
+    address whatever the allow list says; an IPv6 address that embeds an IPv4 one (mapped,
+    NAT64, 6to4, Teredo) is checked as that one too. Past the policy an address must be
+    global unicast (IPv6: inside 2000::/3 and embedding no IPv4 address) unless an allowed
+    network holds it: ``ipaddress.is_global`` alone passes 2002::/16, 64:ff9b:1::/48 and
+    ``::7f00:1`` on Python 3.11."""
+
+    def __init__(
+        self,
+        allow: Iterable[IPNetwork],
+        deny: Iterable[str] = (),
+        *,
+        own: Iterable[IPAddress] | None = None,
+    ) -> None:
+        self.allow = tuple(ipaddress.ip_network(str(n), strict=False) for n in allow)
+        self.policy = TargetPolicy(
+            [str(network) for network in self.allow],
+            (*deny, *(str(network) for network in METADATA)),
+            own=own,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebhookAddresses:
+        return cls(settings.webhook_allow_networks, settings.target_deny)
+
+    def refused(self, address: IPAddress) -> str | None:
+        """Why webhooks may not go to this address, or None."""
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        try:
+            self.policy.check_address(address)
+        except TargetDenied:
+            return f"{address} is not an address webhooks may be sent to"
+        for candidate in (address, *embedded_ipv4(address)):
+            if not self._allowed(candidate) and not _global_unicast(candidate):
+                return f"{address} is not an address webhooks may be sent to"
+        return None
+
+    def _allowed(self, address: IPAddress) -> bool:
+        return any(address.version == n.version and address in n for n in self.allow)
+
+
+def _global_unicast(address: IPAddress) -> bool:
     if not address.is_global or address.is_multicast:
-        return f"{address} is not a global address"
-    return None
-
-
-def allow_networks(
-    entries: Iterable[str],
-) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        return address in _GLOBAL_UNICAST_V6 and not embedded_ipv4(address)
+    return True
 
 
 async def resolve_webhook_url(
     url: WebhookUrl,
-    allow: Iterable[IPNetwork],
+    addresses_policy: WebhookAddresses,
     *,
     timeout: float,
+    lookups: asyncio.Semaphore | None = None,
 ) -> list[IPAddress]:
-    """Every address of the URL's host, each one checked; raises :class:`WebhookUrlError`."""
-    allowed = tuple(allow)
+    """Every address of the URL's host, each one checked; raises :class:`WebhookUrlError`.
+    ``lookups`` bounds the name lookups in flight, as for scan targets."""
     try:
         addresses: list[IPAddress] = [ipaddress.ip_address(url.host)]
     except ValueError:
-        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(timeout):
-                infos = await loop.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM)
-        except (TimeoutError, OSError) as exc:
-            raise WebhookUrlError(f"url: {url.host} does not resolve: {exc}") from None
+            names = await resolve_name(url.host, timeout=timeout, lookups=lookups)
+        except ResolutionFailed as exc:
+            raise WebhookUrlError(f"url: {exc}") from None
         addresses = sorted(
-            {ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos},
-            key=lambda a: (a.version, int(a)),
+            {ipaddress.ip_address(name) for name in names}, key=lambda a: (a.version, int(a))
         )
     if not addresses:
         raise WebhookUrlError(f"url: {url.host} resolves to no address")
     for address in addresses:
-        reason = address_refused(address, allowed)
+        reason = addresses_policy.refused(address)
         if reason is not None:
             raise WebhookUrlError(f"url: {url.host} resolves to {reason}")
     return addresses

@@ -219,7 +219,9 @@ async def deliver_scan(
         return await _shard(store, delivery, job, addresses, [], settings, row.shards_total), row
     target = parse_target(job.target, max_hosts=settings.max_hosts)
     try:
-        addresses = await resolve_target(target, runtime.policy, timeout=settings.resolve_timeout)
+        # A schedule's own exclusions ride in the payload: deny entries on top of the policy.
+        policy = runtime.policy.excluding(job.exclude)
+        addresses = await resolve_target(target, policy, timeout=settings.resolve_timeout)
     except PermanentError as exc:
         return Failed(str(exc)), row
     if target.kind == "hostname":

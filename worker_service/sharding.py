@@ -242,10 +242,11 @@ async def _sweep(
 def _recheck_policy(runtime: Runtime, job: ScanTaskPayload, addresses: tuple[str, ...]) -> None:
     """The policy may have changed since the scan was split: check again before probing."""
     target = parse_target(job.target, max_hosts=runtime.settings.max_hosts)
+    policy = runtime.policy.excluding(job.exclude)
     if target.kind == "hostname":
-        runtime.policy.check_hostname(target.value)
+        policy.check_hostname(target.value)
     for address in addresses:
-        runtime.policy.check_address(address)
+        policy.check_address(address)
 
 
 async def deliver_merge(

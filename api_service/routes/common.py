@@ -32,11 +32,16 @@ async def caller(request: Request) -> UUID:
     return await services(request).auth.authenticate(request)
 
 
-def task_id_param(request: Request) -> UUID:
-    raw = request.path_params["task_id"]
+def uuid_param(request: Request, name: str, what: str) -> UUID:
+    """Path parameter ``name`` as a UUID; 404 ("no <what> <raw>") when it is not one."""
+    raw = request.path_params[name]
     try:
-        task_id = UUID(raw)
+        return UUID(raw)
     except ValueError:
-        raise ApiError(404, f"no scan with task id {raw}") from None
+        raise ApiError(404, f"no {what} {raw}") from None
+
+
+def task_id_param(request: Request) -> UUID:
+    task_id = uuid_param(request, "task_id", "scan with task id")
     bind_scan(task_id=task_id)
     return task_id

@@ -319,6 +319,7 @@ def summary(row: ScanListing) -> ScanSummary:
         finished_at=row.finished_at,
         open_ports=row.open_port_count,
         error=row.error,
+        schedule_id=row.schedule_id,
     )
 
 

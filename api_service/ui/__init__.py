@@ -8,7 +8,8 @@ from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
 from api_service.errors import ApiError
-from api_service.ui import scan_page, scans, signin, targets
+from api_service.ui import scan_page, scans, schedules, signin, targets, webhooks
+from api_service.ui.bounds import BoundedForms
 from api_service.ui.headers import SecurityHeaders
 from api_service.ui.render import HERE, page
 
@@ -30,11 +31,13 @@ def ui_routes() -> list[BaseRoute]:
             *scans.routes,
             *scan_page.routes,
             *targets.routes,
+            *schedules.routes,
+            *webhooks.routes,
             Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
             Route("/{path:path}", no_such_page, methods=["GET"]),
         ]
     )
     return [
         Route("/", home, methods=["GET"]),
-        Mount("/ui", app=SecurityHeaders(pages)),
+        Mount("/ui", app=SecurityHeaders(BoundedForms(pages))),
     ]

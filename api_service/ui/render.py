@@ -51,7 +51,7 @@ def what_to_do(error: ApiError) -> str:
             f"try again in {retry or 'a few'} seconds."
         )
     if error.status == 404:
-        return "There is no such scan for the key you signed in with."
+        return "There is no such scan, schedule or webhook for the key you signed in with."
     if error.status == 409:
         return "Reload the page to see the scan's current state."
     return "Check the form and submit it again."

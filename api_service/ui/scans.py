@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from api_service.errors import ApiError
 from api_service.routes import scans as api_scans
+from api_service.routes import schedules as api_schedules
 from api_service.routes.common import task_id_param
 from api_service.ui.bridge import call, call_json
 from api_service.ui.render import page, what_to_do
@@ -20,7 +21,7 @@ from shared.schemas import Priority, ScanState
 
 PAGE_SIZE = 20
 ACTIVE_STATES = ("queued", "running")
-LIST_FILTERS = ("state", "target", "cursor")
+LIST_FILTERS = ("state", "target", "schedule_id", "cursor")
 
 
 async def list_context(request: Request, user: SignedIn) -> dict[str, Any]:
@@ -50,9 +51,11 @@ async def list_context(request: Request, user: SignedIn) -> dict[str, Any]:
                 api_scans.scan_status,
                 path_params={"task_id": item["task_id"]},
             )
+    schedules = await call_json(request, user.key_id, api_schedules.list_schedules)
     return {
         "session": user.session,
         "items": body["items"],
+        "schedules": {s["id"]: s for s in schedules["items"]},
         "next_cursor": body["next_cursor"],
         "live": live,
         "filters": filters,
@@ -74,26 +77,31 @@ async def scan_table(request: Request, user: SignedIn) -> Response:
     return page(request, "_scan_table.html", await list_context(request, user))
 
 
-def _number(text: str, kind: type[int] | type[float]) -> int | float | str:
-    # Left as text when it is no number: the API's own validation then names the field.
+def number(text: str, kind: type[int] | type[float]) -> int | float | str:
+    """``text`` as a number, or left as text: the API's own validation then names the field."""
     try:
         return kind(text)
     except ValueError:
         return text
 
 
-def scan_request(form: dict[str, str]) -> dict[str, Any]:
-    """The ``POST /api/scan`` body the submit form describes."""
+def scan_config(form: dict[str, str]) -> dict[str, Any]:
+    """The scan ``config`` a form's connect fields describe (scans and schedules share them)."""
     config: dict[str, Any] = {"service_detection": form.get("service_detection") == "on"}
     if form.get("timeout"):
-        config["timeout"] = _number(form["timeout"], float)
+        config["timeout"] = number(form["timeout"], float)
     if form.get("max_concurrent"):
-        config["max_concurrent"] = _number(form["max_concurrent"], int)
+        config["max_concurrent"] = number(form["max_concurrent"], int)
+    return config
+
+
+def scan_request(form: dict[str, str]) -> dict[str, Any]:
+    """The ``POST /api/scan`` body the submit form describes."""
     return {
         "target": form.get("target", "").strip(),
         "ports": form.get("ports", "").strip() or "1-1000",
         "priority": form.get("priority") or "normal",
-        "config": config,
+        "config": scan_config(form),
     }
 
 

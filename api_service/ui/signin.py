@@ -14,7 +14,7 @@ from starlette.routing import Route
 from api_service.errors import ApiError
 from api_service.routes.common import db_unavailable, services
 from api_service.ui.render import error_page, page
-from api_service.ui.session import Session, SessionCookies
+from api_service.ui.session import Session, SessionCookies, session_state, sign_out
 from shared.retry import DATABASE_ERRORS as DB_ERRORS
 
 LOGIN_PATH = "/ui/login"
@@ -81,11 +81,11 @@ def signed_in(handler: Page) -> Endpoint:
         if session is None or session.key_id is None:
             return to_login(request, "expired" if request.cookies else "signed_out")
         try:
-            active = await services(request).keys.is_active(session.key_id)
+            state = await session_state(services(request).store.pool, session)
         except DB_ERRORS:
             return error_page(request, db_unavailable(), session)
-        if not active:
-            response = to_login(request, "revoked")
+        if state != "live":
+            response = to_login(request, state)
             jar.clear(request, response)
             return response
         try:
@@ -146,8 +146,13 @@ async def login(request: Request) -> Response:
 
 @signed_in
 async def logout(request: Request, user: SignedIn) -> Response:
+    jar = cookies(request)
+    try:
+        await sign_out(services(request).store.pool, user.session, jar.max_age)
+    except DB_ERRORS:
+        return error_page(request, db_unavailable(), user.session)
     response = RedirectResponse(f"{LOGIN_PATH}?reason=signed_out", status_code=303)
-    cookies(request).clear(request, response)
+    jar.clear(request, response)
     return response
 
 

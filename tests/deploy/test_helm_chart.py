@@ -548,6 +548,29 @@ def test_worker_egress_excludes_the_cluster_metadata_and_the_api_server() -> Non
     assert all(rule["to"] for rule in services)
 
 
+def test_the_dispatcher_reaches_webhook_receivers_under_the_worker_egress_rules() -> None:
+    """Webhook receivers are outside addresses like scan targets: the same exclusions (the
+    cluster, metadata, the API server) hold for the pod that sends to them."""
+    rendered = render({"workerEgress": {"kubernetesApi": ["172.18.0.2/32", "fd00::1/128"]}})
+    policy = rendered.get("NetworkPolicy", f"{FULLNAME}-dispatcher")["spec"]
+    worker = rendered.get("NetworkPolicy", f"{FULLNAME}-worker")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["ingress"] == []
+    labels = rendered.deployment("dispatcher")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["egress"] == worker["egress"]
+    v4, v6 = (peer["ipBlock"] for peer in policy["egress"][0]["to"])
+    assert {"169.254.0.0/16", "100.100.100.200/32", "168.63.129.16/32", "172.18.0.2/32"} <= set(
+        v4["except"]
+    )
+    assert {"fe80::/10", "fd00:ec2::254/128", "fd00::1/128"} <= set(v6["except"])
+    assert {5432, 5672} <= {p["port"] for rule in policy["egress"][2:] for p in rule["ports"]}
+    without = render({"dispatcher": {"enabled": False}})
+    assert all(
+        not p["metadata"]["name"].endswith("-dispatcher") for p in without.all("NetworkPolicy")
+    )
+
+
 def test_an_empty_target_deny_needs_an_acknowledgement() -> None:
     with pytest.raises(Exception, match="acknowledgeOpenInward"):
         render({"config": {"targetDeny": []}})

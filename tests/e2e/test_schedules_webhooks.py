@@ -5,6 +5,7 @@ while it waits for a retry."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import socket
 import sys
@@ -41,7 +42,7 @@ from tests.support.webhook_receiver import Receiver, webhook_receiver
 
 pytestmark = pytest.mark.e2e
 
-LOOPBACK = ("127.0.0.0/8", "::1/128")
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 @pytest.fixture(scope="module")

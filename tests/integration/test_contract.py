@@ -108,3 +108,30 @@ async def test_an_unforeseen_error_fails_the_scan_with_a_reason(
     assert row.state == "failed"
     assert row.error is not None
     assert "unexpected error" in row.error
+
+
+async def test_a_schedules_exclusions_are_denied_by_the_worker_itself(
+    publisher: AmqpPublisher, worker: object, store: ScanStore, stock_celery: Celery
+) -> None:
+    """The dispatcher checks a schedule's exclusions against its own lookup; a name may
+    resolve elsewhere by the time the worker runs, so the worker applies them again."""
+    scan_id, task_id = uuid4(), uuid4()
+    payload = ScanTaskPayload(
+        version=2,
+        scan_id=scan_id,
+        target="127.0.0.1",
+        ports="1",
+        config=ScanConfig(timeout=1.0, max_concurrent=10),
+        priority="high",
+        exclude=("127.0.0.0/30",),
+    )
+    await record(store, payload, task_id)
+    await publisher.publish(build_scan_message(task_id, payload, port_count=1))
+
+    result: AsyncResult[dict[str, Any]] = AsyncResult(str(task_id), app=stock_celery)
+    with pytest.raises(Exception, match=r"denied|not allowed"):
+        await asyncio.to_thread(result.get, timeout=30)
+    row = await store.get(scan_id)
+    assert row is not None
+    assert row.state == "failed"
+    assert row.result is None

@@ -5,6 +5,7 @@ of the wall clock, so no real-time dispatcher of the same run ever sees these sc
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -12,16 +13,21 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import orjson
 import pytest
 
-from api_service.dispatcher import Dispatcher, TargetCheck
+from api_service.dispatcher import Dispatcher, ScheduleCheck
 from api_service.publisher import AmqpPublisher
+from shared.policy import TargetPolicy
+from shared.protocol import TaskMessage
 from shared.schedule_store import ScheduleStore
-from shared.schedules import Schedule, ScheduleCreate, ScheduleUpdate
+from shared.schedules import Refusal, Schedule, ScheduleCreate, ScheduleUpdate
+from shared.schemas import ScanTaskPayload
 from shared.settings import Settings
 from shared.store import create_pool
 from tests.conftest import delete_queues
 from tests.support.broker import queued_messages
+from tests.support.keys import own_key, revoke
 
 BASE = datetime(2031, 1, 6, 0, 0, tzinfo=UTC)
 
@@ -35,15 +41,8 @@ async def pool(database: str) -> AsyncIterator[asyncpg.Pool[Any]]:
 
 @pytest.fixture
 async def owner(pool: asyncpg.Pool[Any]) -> AsyncIterator[UUID]:
-    """A key of this test alone; its schedules and their scans go at the end."""
-    key_id: UUID = await pool.fetchval(
-        "INSERT INTO api_keys (id, name, key_hash, key_prefix) VALUES"
-        " (gen_random_uuid(), 'schedules-test', $1, 'test') RETURNING id",
-        secrets.token_bytes(32),
-    )
-    yield key_id
-    await pool.execute("DELETE FROM scans WHERE api_key_id = $1", key_id)
-    await pool.execute("DELETE FROM schedules WHERE api_key_id = $1", key_id)
+    async with own_key(pool, "schedules-test") as key_id:
+        yield key_id
 
 
 @pytest.fixture
@@ -123,7 +122,7 @@ async def test_editing_the_timing_while_a_run_is_due_drops_that_run(
     )
     assert edited is not None
     assert edited.next_run_at == BASE + timedelta(hours=4)
-    check = TargetCheck(settings)
+    check = ScheduleCheck(settings)
     assert await store.fire_due(due + timedelta(minutes=1), check) == []
     fired = await store.fire_due(BASE + timedelta(hours=4, seconds=1), check)
     assert [run.scheduled_for for run in fired] == [BASE + timedelta(hours=4)]
@@ -136,55 +135,40 @@ async def test_editing_the_target_while_a_run_is_due_keeps_the_run(
     schedule = await make(store, owner, nightly())
     due = BASE + timedelta(hours=3)
     await store.update(owner, schedule.id, ScheduleUpdate(target="127.0.0.2"), due)
-    fired = await store.fire_due(due + timedelta(seconds=1), TargetCheck(settings))
+    fired = await store.fire_due(due + timedelta(seconds=1), ScheduleCheck(settings))
     assert len(fired) == 1
     target = await pool.fetchval("SELECT target FROM scans WHERE id = $1", fired[0].scan_id)
     assert target == "127.0.0.2"
     await pool.execute("DELETE FROM scan_publish_outbox WHERE scan_id = $1", fired[0].scan_id)
 
 
-async def wait_for_lock_waiter(pool: asyncpg.Pool[Any], timeout: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        waiting = await pool.fetchval(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        )
-        if waiting:
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail("no query waited on a lock")
-
-
-async def test_an_edit_waits_for_a_tick_holding_the_schedule(
+async def test_an_edit_during_a_ticks_check_is_not_held_up_and_wins(
     pool: asyncpg.Pool[Any], owner: UUID, settings: Settings
 ) -> None:
-    """The tick locked the row first: the run fires, then the edit applies after it."""
+    """The tick checks a run (a name lookup, perhaps) holding no lock: an edit made meanwhile
+    goes through at once, and the tick, finding the row changed, records nothing: the run due
+    under the old timing is dropped, as for any timing edit."""
     store = ScheduleStore(pool)
     schedule = await make(store, owner, nightly())
     due = BASE + timedelta(hours=3)
     entered, release = asyncio.Event(), asyncio.Event()
-    check = TargetCheck(settings)
+    check = ScheduleCheck(settings)
 
-    async def slow_check(s: Any) -> str | None:
+    async def slow_check(s: Schedule) -> Refusal | None:
         entered.set()
         await release.wait()
         return await check(s)
 
     tick = asyncio.create_task(store.fire_due(due, slow_check))
     await asyncio.wait_for(entered.wait(), 10)
-    edit = asyncio.create_task(
-        store.update(owner, schedule.id, ScheduleUpdate(cron="0 5 * * *"), due)
+    edited = await asyncio.wait_for(
+        store.update(owner, schedule.id, ScheduleUpdate(cron="0 5 * * *"), due), 10
     )
-    await wait_for_lock_waiter(pool)  # the edit waits on the row lock meanwhile
-    assert not edit.done()
     release.set()
-    fired = await asyncio.wait_for(tick, 10)
-    edited = await asyncio.wait_for(edit, 10)
-    assert [run.scheduled_for for run in fired] == [due]
+    assert await asyncio.wait_for(tick, 10) == []
     assert edited is not None
     assert edited.next_run_at == BASE + timedelta(hours=5)
-    await pool.execute("DELETE FROM scan_publish_outbox WHERE scan_id = $1", fired[0].scan_id)
+    assert await pool.fetchval("SELECT count(*) FROM scans WHERE api_key_id = $1", owner) == 0
 
 
 async def test_a_run_inside_the_schedules_exclusions_is_recorded_as_failed(
@@ -192,7 +176,7 @@ async def test_a_run_inside_the_schedules_exclusions_is_recorded_as_failed(
 ) -> None:
     store = ScheduleStore(pool)
     await make(store, owner, nightly(exclude=["127.0.0.0/24"]))
-    fired = await store.fire_due(BASE + timedelta(hours=3), TargetCheck(settings))
+    fired = await store.fire_due(BASE + timedelta(hours=3), ScheduleCheck(settings))
     assert len(fired) == 1
     row = await pool.fetchrow("SELECT state, error FROM scans WHERE id = $1", fired[0].scan_id)
     assert row is not None
@@ -214,3 +198,145 @@ async def test_a_key_has_at_most_its_bound_of_schedules(
     assert await store.create(owner, nightly(), BASE, limit=2) is not None
     assert await store.create(owner, nightly(), BASE, limit=2) is None
     assert len(await store.owned(owner)) == 2
+
+
+async def test_a_revoked_keys_schedules_stop_firing(
+    pool: asyncpg.Pool[Any], owner: UUID, settings: Settings
+) -> None:
+    store = ScheduleStore(pool)
+    await make(store, owner, nightly())
+    await revoke(pool, owner)
+    fired = await store.fire_due(BASE + timedelta(days=1, hours=3), ScheduleCheck(settings))
+    assert fired == []
+    assert await pool.fetchval("SELECT count(*) FROM scans WHERE api_key_id = $1", owner) == 0
+
+
+async def test_a_bad_row_is_parked_and_the_good_ones_still_fire(
+    pool: asyncpg.Pool[Any], owner: UUID, settings: Settings
+) -> None:
+    store = ScheduleStore(pool)
+    good = [await make(store, owner, nightly()) for _ in range(2)]
+    bad = await make(store, owner, nightly())
+    # A zone the time zone database no longer has: ZoneInfo raises a KeyError for it.
+    await pool.execute("UPDATE schedules SET timezone = 'Mars/Olympus' WHERE id = $1", bad.id)
+    fired = await store.fire_due(BASE + timedelta(hours=3), ScheduleCheck(settings))
+    assert {run.schedule_id for run in fired} == {s.id for s in good}
+    parked = await store.get(owner, bad.id)
+    assert parked is not None
+    assert parked.next_run_at is None
+    assert parked.parked_reason is not None
+    assert "Mars/Olympus" in parked.parked_reason
+    await pool.execute("DELETE FROM scan_publish_outbox")
+
+
+async def test_concurrent_creates_stay_within_the_keys_bound(
+    pool: asyncpg.Pool[Any], owner: UUID
+) -> None:
+    store = ScheduleStore(pool)
+    made = await asyncio.gather(*(store.create(owner, nightly(), BASE, limit=5) for _ in range(20)))
+    assert sum(1 for m in made if m is not None) == 5
+    assert len(await store.owned(owner)) == 5
+
+
+async def test_a_transient_resolution_failure_is_retried_within_the_grace_period(
+    pool: asyncpg.Pool[Any], owner: UUID
+) -> None:
+    store = ScheduleStore(pool)
+    await make(store, owner, nightly(misfire_grace_seconds=300))
+    due = BASE + timedelta(hours=3)
+    answers = [Refusal("x.test did not resolve", "unresolvable_target", transient=True), None]
+
+    async def flaky(_schedule: Schedule) -> Refusal | None:
+        return answers.pop(0)
+
+    assert await store.fire_due(due + timedelta(seconds=1), flaky) == []
+    assert await pool.fetchval("SELECT count(*) FROM scans WHERE api_key_id = $1", owner) == 0
+    fired = await store.fire_due(due + timedelta(seconds=3), flaky)
+    assert [(run.scheduled_for, run.error) for run in fired] == [(due, None)]
+    await pool.execute("DELETE FROM scan_publish_outbox WHERE scan_id = $1", fired[0].scan_id)
+
+
+async def test_a_resolution_still_failing_after_the_grace_period_is_recorded_as_failed(
+    pool: asyncpg.Pool[Any], owner: UUID
+) -> None:
+    store = ScheduleStore(pool)
+    await make(store, owner, nightly(misfire_grace_seconds=60, misfire_policy="run_once"))
+
+    async def unresolvable(_schedule: Schedule) -> Refusal | None:
+        return Refusal("x.test did not resolve", "unresolvable_target", transient=True)
+
+    fired = await store.fire_due(BASE + timedelta(hours=3, minutes=5), unresolvable)
+    assert len(fired) == 1
+    assert fired[0].error is not None
+    assert "did not resolve" in fired[0].error
+
+
+async def test_a_run_carries_the_schedules_exclusions_to_the_worker(
+    pool: asyncpg.Pool[Any], owner: UUID, settings: Settings
+) -> None:
+    store = ScheduleStore(pool)
+    await make(store, owner, nightly(target="localhost", exclude=["10.0.0.0/8"]))
+    fired = await store.fire_due(BASE + timedelta(hours=3), ScheduleCheck(settings))
+    assert [run.error for run in fired] == [None]
+    sent: list[TaskMessage] = []
+
+    async def publish(message: TaskMessage) -> bool:
+        sent.append(message)
+        return True
+
+    await store.publish_pending(publish, max_seconds=60, only=[fired[0].scan_id])
+    (args, _kwargs, _embed) = orjson.loads(sent[0].body)
+    payload = ScanTaskPayload.model_validate(args[0])
+    assert payload.version == 2
+    assert payload.exclude == ("10.0.0.0/8",)
+    assert (
+        TargetPolicy(own=())
+        .excluding(payload.exclude)
+        .deny.match_address(ipaddress.ip_address("10.1.2.3"))
+    )
+
+
+async def test_an_edit_unparks_a_schedule(
+    pool: asyncpg.Pool[Any], owner: UUID, settings: Settings
+) -> None:
+    store = ScheduleStore(pool)
+    bad = await make(store, owner, nightly())
+    await pool.execute("UPDATE schedules SET timezone = 'Mars/Olympus' WHERE id = $1", bad.id)
+    await store.fire_due(BASE + timedelta(hours=3), ScheduleCheck(settings))
+    edited = await store.update(
+        owner, bad.id, ScheduleUpdate(timezone="Europe/Berlin"), BASE + timedelta(hours=4)
+    )
+    assert edited is not None
+    assert edited.parked_reason is None
+    assert edited.next_run_at is not None
+
+
+async def test_a_tick_is_not_held_up_by_an_edits_check(
+    pool: asyncpg.Pool[Any], owner: UUID, settings: Settings
+) -> None:
+    """An edit checks its merged schedule (a name lookup, perhaps) holding no lock: a tick
+    meanwhile fires the due run, and the edit, finding the row changed, merges again."""
+    store = ScheduleStore(pool)
+    schedule = await make(store, owner, nightly())
+    due = BASE + timedelta(hours=3)
+    entered, release = asyncio.Event(), asyncio.Event()
+    checks: list[str] = []
+
+    async def slow_check(merged: ScheduleCreate) -> None:
+        checks.append(merged.target)
+        entered.set()
+        await release.wait()
+
+    edit = asyncio.create_task(
+        store.update(owner, schedule.id, ScheduleUpdate(target="127.0.0.2"), due, check=slow_check)
+    )
+    await asyncio.wait_for(entered.wait(), 10)
+    fired = await asyncio.wait_for(store.fire_due(due, ScheduleCheck(settings)), 10)
+    assert [run.scheduled_for for run in fired] == [due]
+    release.set()
+    edited = await asyncio.wait_for(edit, 10)
+    assert edited is not None
+    assert edited.target == "127.0.0.2"
+    assert edited.next_run_at == BASE + timedelta(days=1, hours=3)
+    assert checks == ["127.0.0.2", "127.0.0.2"]  # merged and checked again after the tick
+    await pool.execute("DELETE FROM scan_publish_outbox WHERE scan_id = $1", fired[0].scan_id)

@@ -5,7 +5,7 @@ is tried by ticking at that time, not by waiting for it."""
 from __future__ import annotations
 
 import asyncio
-import secrets
+import ipaddress
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -18,13 +18,18 @@ import asyncpg
 import pytest
 
 from api_service.webhook_sender import WebhookSender
+from shared.schedule_store import ScheduleStore
+from shared.schedules import ScheduleCreate
 from shared.schemas import PortResult, ScanConfig, ScanResult
 from shared.settings import Settings
 from shared.store import create_pool
 from shared.webhook_store import WebhookStore
 from shared.webhooks import WebhookCreate, WebhookCreated
 from tests import needs
+from tests.support.keys import own_key, revoke
 from tests.support.webhook_receiver import Receiver, webhook_receiver
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 @pytest.fixture
@@ -36,14 +41,8 @@ async def pool(database: str) -> AsyncIterator[asyncpg.Pool[Any]]:
 
 @pytest.fixture
 async def owner(pool: asyncpg.Pool[Any]) -> AsyncIterator[UUID]:
-    key_id: UUID = await pool.fetchval(
-        "INSERT INTO api_keys (id, name, key_hash, key_prefix) VALUES"
-        " (gen_random_uuid(), 'webhooks-test', $1, 'test') RETURNING id",
-        secrets.token_bytes(32),
-    )
-    yield key_id
-    await pool.execute("DELETE FROM webhooks WHERE api_key_id = $1", key_id)
-    await pool.execute("DELETE FROM scans WHERE api_key_id = $1", key_id)
+    async with own_key(pool, "webhooks-test") as key_id:
+        yield key_id
 
 
 @pytest.fixture
@@ -54,7 +53,7 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 async def sender(settings: Settings) -> AsyncIterator[WebhookSender]:
-    own = settings.model_copy(update={"webhook_allow_networks": ("127.0.0.0/8", "::1/128")})
+    own = settings.model_copy(update={"webhook_allow_networks": LOOPBACK})
     sender = WebhookSender(own)
     yield sender
     await sender.close()
@@ -73,25 +72,34 @@ async def hook(
 
 
 async def finish_scan(
-    pool: asyncpg.Pool[Any], owner: UUID, open_ports: list[int], target: str = "127.0.0.1"
+    pool: asyncpg.Pool[Any],
+    owner: UUID,
+    open_ports: list[int],
+    target: str = "127.0.0.1",
+    *,
+    ports: str = "1-1000",
+    schedule_id: UUID | None = None,
 ) -> UUID:
     """A scan of the key that runs and completes, through the same UPDATEs a worker makes."""
     scan_id = uuid4()
     await pool.execute(
-        "INSERT INTO scans (id, task_id, target, ports, config, priority, api_key_id)"
-        " VALUES ($1, $2, $3, '1-1000', $4, 'normal', $5)",
+        "INSERT INTO scans (id, task_id, target, ports, config, priority, api_key_id,"
+        " schedule_id, scheduled_for) VALUES ($1, $2, $3, $4, $5, 'normal', $6, $7,"
+        " CASE WHEN $7::uuid IS NULL THEN NULL ELSE now() END)",
         scan_id,
         uuid4(),
         target,
+        ports,
         ScanConfig().model_dump(mode="json"),
         owner,
+        schedule_id,
     )
     now = datetime.now(UTC)
     result = ScanResult(
         scan_id=scan_id,
         target=target,
         addresses=[target],
-        ports="1-1000",
+        ports=ports,
         total_ports_scanned=1000,
         open_ports=[PortResult(port=p, state="open", address=target) for p in open_ports],
         started_at=now,
@@ -127,8 +135,8 @@ async def test_ports_changed_only_when_something_changed(
     await finish_scan(pool, owner, [22, 80])  # the first: nothing to compare with
     await finish_scan(pool, owner, [22, 80])  # the same ports
     await tick(store, sender, now)
-    changed_scan = await finish_scan(pool, owner, [22, 80, 8443])
-    await finish_scan(pool, owner, [22, 80, 8443])
+    changed_scan = await finish_scan(pool, owner, [22, 80, 443])
+    await finish_scan(pool, owner, [22, 80, 443])
     await tick(store, sender, now)
 
     events = receiver.events()
@@ -137,7 +145,7 @@ async def test_ports_changed_only_when_something_changed(
     assert len(changed) == 1
     diff = changed[0]["data"]["diff"]
     assert changed[0]["data"]["scan_id"] == str(changed_scan)
-    assert [(p["address"], p["port"]) for p in diff["newly_open"]] == [("127.0.0.1", 8443)]
+    assert [(p["address"], p["port"]) for p in diff["newly_open"]] == [("127.0.0.1", 443)]
     assert diff["newly_closed"] == []
     assert diff["changed"] == []
 
@@ -213,6 +221,16 @@ async def test_410_disables_the_endpoint(
     await tick(store, sender, soon() + timedelta(hours=1))
     assert len(receiver.received) == 1
 
+    # Redelivering to a disabled endpoint queues nothing; re-enabling it starts afresh.
+    (gone, *_rest) = await store.deliveries(created.id)
+    assert await store.redeliver(created.id, gone.id) == "disabled"
+    enabled = await store.set_enabled(owner, created.id, True)
+    assert enabled is not None
+    assert (enabled.enabled, enabled.disabled_reason, enabled.failing_since) == (True, None, None)
+    assert await store.redeliver(created.id, gone.id) == "queued"
+    await tick(store, sender, soon() + timedelta(hours=1))
+    assert [r.answered for r in receiver.received] == [410, 200]
+
 
 async def test_an_endpoint_failing_for_days_is_disabled_and_reported(
     pool: asyncpg.Pool[Any],
@@ -251,7 +269,7 @@ async def test_loopback_is_refused_without_the_operator_allowance(
     assert receiver.received == []
     (delivery,) = await store.deliveries(created.id)
     assert delivery.history[0].error is not None
-    assert "not a global address" in delivery.history[0].error
+    assert "not an address webhooks may be sent to" in delivery.history[0].error
 
 
 async def test_a_name_is_connected_to_at_the_checked_address_with_its_host_header(
@@ -290,11 +308,11 @@ async def test_a_failed_scan_and_a_redelivery(
     assert (event["type"], event["data"]["error"]) == ("scan.failed", "time limit exceeded")
 
     (delivery,) = await store.deliveries(created.id)
-    assert await store.redeliver(created.id, delivery.id)
+    assert await store.redeliver(created.id, delivery.id) == "queued"
     await tick(store, sender, soon())
     assert [e["type"] for e in receiver.events()] == ["scan.failed", "scan.failed"]
     assert len({r.headers["webhook-id"] for r in receiver.received}) == 1
-    assert not await store.redeliver(created.id, "msg_unknown")
+    assert await store.redeliver(created.id, "msg_unknown") == "missing"
 
 
 async def test_https_to_a_name_checks_the_certificate_for_that_name(
@@ -313,7 +331,7 @@ async def test_https_to_a_name_checks_the_certificate_for_that_name(
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert, key)
     trusting = ssl.create_default_context(cafile=str(cert))
-    own = settings.model_copy(update={"webhook_allow_networks": ("127.0.0.0/8", "::1/128")})
+    own = settings.model_copy(update={"webhook_allow_networks": LOOPBACK})
     sender = WebhookSender(own, verify=trusting)
     store = WebhookStore(pool)
     try:
@@ -333,3 +351,48 @@ async def test_https_to_a_name_checks_the_certificate_for_that_name(
             assert len(receiver.received) == 1
     finally:
         await sender.close()
+
+
+async def test_a_revoked_key_gets_no_more_messages(
+    pool: asyncpg.Pool[Any], owner: UUID, receiver: Receiver, sender: WebhookSender
+) -> None:
+    store = WebhookStore(pool)
+    created = await hook(pool, owner, receiver)
+    await finish_scan(pool, owner, [22])
+    await store.collect_events()  # a message owed before the revocation is not sent either
+    await revoke(pool, owner)
+    await finish_scan(pool, owner, [22])
+    await tick(store, sender, soon() + timedelta(days=1))
+    assert receiver.received == []
+    assert [d.attempts for d in await store.deliveries(created.id)] == [0]
+
+
+async def test_concurrent_creates_stay_within_the_keys_bound(
+    pool: asyncpg.Pool[Any], owner: UUID
+) -> None:
+    store = WebhookStore(pool)
+    spec = WebhookCreate(url="https://hooks.example.com/x", events=["scan.completed"])
+    made = await asyncio.gather(*(store.create(owner, spec, limit=5) for _ in range(20)))
+    assert sum(1 for m in made if m is not None) == 5
+    assert len(await store.owned(owner)) == 5
+
+
+async def test_an_ad_hoc_scan_between_two_nightly_runs_changes_nothing(
+    pool: asyncpg.Pool[Any], owner: UUID, receiver: Receiver, sender: WebhookSender
+) -> None:
+    """The nightly run is compared with the previous nightly run, not with the ad-hoc scan of
+    one port in between."""
+    nightly = await ScheduleStore(pool).create(
+        owner,
+        ScheduleCreate(target="127.0.0.1", ports="1-65535", cron="0 3 * * *"),
+        datetime.now(UTC),
+        limit=5,
+    )
+    assert nightly is not None
+    await hook(pool, owner, receiver, "ports.changed", "scan.completed")
+    await finish_scan(pool, owner, [22, 80], ports="1-65535", schedule_id=nightly.id)
+    await finish_scan(pool, owner, [22], ports="22")
+    await finish_scan(pool, owner, [22, 80], ports="1-65535", schedule_id=nightly.id)
+    await tick(store := WebhookStore(pool), sender, soon())
+    await tick(store, sender, soon())
+    assert [e["type"] for e in receiver.events()] == ["scan.completed"] * 3

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from playwright.sync_api import BrowserContext, Page, ViewportSize
+from playwright.sync_api import Browser, BrowserContext, Page, ViewportSize
 
 PHONE: ViewportSize = {"width": 390, "height": 844}
 DESKTOP: ViewportSize = {"width": 1280, "height": 900}
@@ -110,6 +111,18 @@ def sign_in(page: Page, key: str) -> None:
     page.get_by_label("API key").fill(key)
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_url("**/ui/")
+
+
+@contextmanager
+def signed_in_page(browser: Browser, base_url: str, key: str) -> Iterator[Page]:
+    """A page of a context of its own, signed in with ``key`` (another key's view)."""
+    context = browser.new_context(base_url=base_url, viewport=DESKTOP)
+    try:
+        page = context.new_page()
+        sign_in(page, key)
+        yield page
+    finally:
+        context.close()
 
 
 def wait_running(client: httpx.Client, task: str) -> None:

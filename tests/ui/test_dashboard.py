@@ -31,6 +31,7 @@ from tests.support.browser import (
     result_rows,
     shoot,
     sign_in,
+    signed_in_page,
     submit,
     wait_running,
 )
@@ -239,10 +240,7 @@ def test_another_key_gets_a_404_page_and_the_session_is_locked_down(
     assert [a.status for a in answers] == [303, 303]
     assert answers[0].headers["location"] == answers[1].headers["location"]
 
-    other = browser.new_context(base_url=api, viewport=DESKTOP)
-    try:
-        stranger = other.new_page()
-        sign_in(stranger, other_api_key)
+    with signed_in_page(browser, api, other_api_key) as stranger:
         response = stranger.goto(f"/ui/scans/{task}")
         assert response is not None
         assert response.status == 404
@@ -255,8 +253,6 @@ def test_another_key_gets_a_404_page_and_the_session_is_locked_down(
         cancel = stranger.request.post(f"/ui/scans/{task}/cancel", form={"csrf": token})
         assert cancel.status == 404
         assert client.get(f"/api/scan/{task}").json()["state"] != "REVOKED"
-    finally:
-        other.close()
 
 
 def test_a_revoked_key_ends_its_session(browser: Browser, api: str, database: str) -> None:
@@ -282,7 +278,7 @@ def test_a_revoked_key_ends_its_session(browser: Browser, api: str, database: st
         page.keyboard.press("Enter")
         page.wait_for_url("**/ui/")
         focused = []
-        for _ in range(12):
+        for _ in range(16):
             page.keyboard.press("Tab")
             focused.append(
                 page.evaluate(
