@@ -3,9 +3,9 @@
 ``python -S bench/engine_cli.py 127.0.0.1 1-65535 --timeout 1 --concurrency 1000`` prints a
 Python literal (read it with ``ast.literal_eval``), ``{"seconds": ..., "open": [...],
 "notable": {port: (state, reason)}, "refused": n}``, where ``seconds`` is the time spent inside
-the engine alone. By default it calls the blocking core ``worker_service.engine.sweep_tiers``
-(the same tiers, sweeps and shard processes a worker runs); ``--asyncio`` goes through
-``scanner.scan_host`` on an event loop, as the worker does, and pays asyncio's import time.
+the engine alone. By default it calls the blocking core ``worker_service.probe.tiers.sweep_tiers``
+(the same tiers, sweeps and probe processes a worker runs); ``--asyncio`` goes through
+``runner.scan_host`` on an event loop, as the worker does, and pays asyncio's import time.
 A literal, not JSON: importing ``json`` (and ``re`` with it) costs more than sweeping the
 first thousand ports.
 """
@@ -20,13 +20,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(__file__).rsplit("/bench/", 1)[0])
 
 from shared.ports import parse_port_spec
-from worker_service.engine import outcome_of, sweep_tiers
+from worker_service.probe.tiers import Sweep, sweep_tiers
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from worker_service.shards import Outcome
+    from worker_service.probe.sweep import Outcome
 
 
 def report(
@@ -35,7 +35,7 @@ def report(
     shown = {port: outcome for port, outcome in notable.items() if outcome[1] != "conn-refused"}
     return {
         "seconds": seconds,
-        "open": [port for port in scanned if outcome_of(notable, port)[0] == "open"],
+        "open": [port for port in scanned if notable.get(port, ("closed",))[0] == "open"],
         "notable": shown,
         "refused": len(scanned) - len(shown),
     }
@@ -71,7 +71,7 @@ def main() -> None:
     if use_asyncio:
         import asyncio
 
-        from worker_service.scanner import scan_host
+        from worker_service.probe.runner import scan_host
 
         started = time.perf_counter()
         coro = scan_host(address, ports, timeout=timeout, concurrency=concurrency)
@@ -80,7 +80,9 @@ def main() -> None:
         notable = {o.port: (str(o.state), o.reason) for o in outcomes}
     else:
         started = time.perf_counter()
-        scanned, notable = sweep_tiers(address, ports, timeout=timeout, concurrency=concurrency)
+        how = Sweep(timeout=timeout, concurrency=concurrency)
+        pairs, _stats = sweep_tiers([address], ports, how)
+        scanned, notable = ports, {port: outcome for (_a, port), outcome in pairs.items()}
     print(repr(report(scanned, notable, time.perf_counter() - started)))
 
 

@@ -19,14 +19,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from bench._deadline import BenchTimeout, Deadline
+
 RANGES = ("1-65535", "1-1000")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE_CLI = os.path.join(ROOT, "bench", "engine_cli.py")
 FIXTURE_PORTS = 50
-
-
-class BenchTimeout(RuntimeError):
-    pass
 
 
 @dataclass
@@ -36,17 +34,6 @@ class Runs:
     walls: list[float] = field(default_factory=list)
     inner: list[float] = field(default_factory=list)
     found: list[set[int]] = field(default_factory=list)
-
-
-class Deadline:
-    def __init__(self, seconds: float) -> None:
-        self._end = time.monotonic() + seconds
-
-    def left(self) -> float:
-        left = self._end - time.monotonic()
-        if left <= 0:
-            raise BenchTimeout("the benchmark's time bound ran out")
-        return left
 
 
 def fixture_ports(seed: int) -> list[int]:
@@ -138,8 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up"], check=True)
         fixture = subprocess.Popen(
-            ["ip", "netns", "exec", netns, sys.executable, "-m", "bench.listeners"]
-            + [str(port) for port in sorted(expected)],
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "tests.support.lab_listen"]
+            + [f"127.0.0.1:{port}" for port in sorted(expected)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

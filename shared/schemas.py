@@ -49,6 +49,21 @@ class ScanConfig(_Strict):
     service_detection: bool = Field(
         default=True, description="Identify the service on each open port (banners, probes)"
     )
+    discovery: bool | None = Field(
+        default=None,
+        description="Ping hosts (TCP 80/443, ICMP echo where allowed) and sweep only those up;"
+        " false scans every address (nmap -Pn). Default: on when the target has several"
+        " addresses",
+    )
+    retries: int = Field(
+        default=2, ge=0, le=10, description="Retransmissions of an unanswered probe"
+    )
+    rate: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Most probes per second this scan sends (capped by the worker's ceiling)",
+    )
 
 
 class ScanRequest(_Strict):
@@ -121,6 +136,26 @@ class PortResult(_Strict):
         return value[:MAX_BANNER_CHARS] if isinstance(value, str) else value
 
 
+class HostResult(_Strict):
+    """What one address of the target turned out to be."""
+
+    address: str
+    state: Literal["up", "down"]
+    reason: str = Field(
+        description="syn-ack, reset or echo-reply (up), no-response or an ICMP error (down),"
+        " user-set (discovery off)"
+    )
+    rtt_ms: float | None = None
+    probes: int = 0
+    retransmissions: int = 0
+    unresponsive: bool = Field(default=False, description="Up, yet no port probe got any answer")
+    tarpit: bool = Field(
+        default=False,
+        description="Answers on (nearly) every port: its open ports are listed, services not"
+        " identified",
+    )
+
+
 class ScanResult(_Strict):
     scan_id: UUID
     target: str
@@ -136,6 +171,9 @@ class ScanResult(_Strict):
     finished_at: datetime
     duration_seconds: float
     shards: int = 1
+    hosts: list[HostResult] = Field(default_factory=list)
+    probes_sent: int = 0
+    retransmissions: int = 0
     capped_addresses: list[str] = Field(default_factory=list)
     """Addresses with more than ``MAX_OPEN_PORTS_PER_HOST`` open ports: only that many listed."""
     open_ports_omitted: int = 0

@@ -207,6 +207,16 @@ class Settings(BaseSettings):
     """Proxies (comma-separated addresses, or ``*``) whose X-Forwarded-Proto and -For the API
     trusts; the dashboard's cookie is ``Secure`` when such a proxy says the client used https."""
 
+    # Network scanning (issue 15): pacing, timing floor and tarpit detection of the engine.
+    probe_rate_ceiling: int = Field(default=0, ge=0)
+    """Most probes per second one scan sends from this worker, whatever its ``config.rate``
+    (0: no ceiling beyond the scan's own rate)."""
+    probe_min_timeout: float = Field(default=0.1, gt=0, le=30)
+    """Shortest per-host probe timeout, however fast the host answers (nmap -T4: 0.1 s)."""
+    tarpit_min_open: int = Field(default=16, ge=1)
+    """A host with at least this many open ports, open on 90% of the ports probed so far,
+    is flagged as a tarpit and its services are not identified."""
+
     @field_validator("api_keys", "target_allow", "target_deny", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:

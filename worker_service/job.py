@@ -26,7 +26,6 @@ from shared.schemas import PortResult, ScanConfig, ScanProgress, ScanResult, Sca
 from shared.settings import Settings
 from shared.store import ScanRow, ScanStore
 from shared.targets import parse_target
-from worker_service.fingerprint import ServiceInfo, identify, registered_name
 from worker_service.lifecycle import (
     MAX_RETRIES,
     Cancelled,
@@ -41,25 +40,25 @@ from worker_service.lifecycle import (
     retry_budget,
     run_watched,
 )
-from worker_service.reporting import EventLog, ProgressReporter
-from worker_service.scanner import (
-    PortOutcome,
-    ProgressCallback,
+from worker_service.probe.identify import ServiceInfo, identify, registered_name
+from worker_service.probe.runner import (
+    HostsResult,
+    ProbeLimits,
     ScanProgressEvent,
-    scan_blocking,
-    scan_host,
+    by_address,
+    hosts_results,
+    probe_limits,
+    scan_hosts,
 )
+from worker_service.reporting import EventLog, ProgressReporter
 
 log = logging.getLogger(__name__)
 
 IDENTIFY_CONCURRENCY = 64
+IDENTIFY_HOSTS = 8
+"""Hosts whose services are identified at once, each with up to IDENTIFY_CONCURRENCY."""
 IDENTIFY_MIN_SECONDS = 1.0
 IDENTIFY_MAX_SECONDS = 3.0
-INLINE_MAX_PORTS = 16
-INLINE_MAX_SECONDS = 1.0
-"""A one-address scan of at most 16 ports that cannot take longer than 1 s sweeps on the loop's
-own thread: the executor round trip would cost a 1-port scan more than the sweep does. The loop
-has nothing else to serve meanwhile but the cancel check, which then waits at most that long."""
 
 
 class Runtime(Protocol):
@@ -124,7 +123,7 @@ def port_result(address: str, port: int, reason: str, info: ServiceInfo | None) 
 
 
 class HostProgress(Protocol):
-    """Progress of a sweep over several addresses, one after another."""
+    """Progress of a sweep over several addresses (open ports reported address by address)."""
 
     def start_host(self, address: str) -> None: ...
 
@@ -133,56 +132,49 @@ class HostProgress(Protocol):
     def __call__(self, event: ScanProgressEvent) -> None: ...
 
 
+class LiveTotal:
+    """A scan's reporter whose total narrows to the live hosts' probes once discovery has
+    spoken: a /24 with three hosts up then counts to 3,000, not 254,000."""
+
+    def __init__(self, reporter: ProgressReporter) -> None:
+        self.reporter = reporter
+
+    def start_host(self, address: str) -> None:
+        self.reporter.start_host(address)
+
+    def finish_host(self, ports_scanned: int) -> None:
+        self.reporter.finish_host(ports_scanned)
+
+    def __call__(self, event: ScanProgressEvent) -> None:
+        self.reporter.total = event.total_ports
+        self.reporter(event)
+
+
 async def probe(
     addresses: list[str],
     ports: list[int],
     config: ScanConfig,
     progress: HostProgress,
     *,
-    processes: int | None = None,
-) -> list[tuple[str, list[PortOutcome]]]:
-    """The one call into the engine: every port at every address, one address after another."""
-    swept: list[tuple[str, list[PortOutcome]]] = []
-    rounds = -(-len(ports) // max(1, min(config.max_concurrent, len(ports))))
-    inline = (
-        len(addresses) == 1
-        and len(ports) <= INLINE_MAX_PORTS
-        and rounds * config.timeout <= INLINE_MAX_SECONDS
-    )
-    for address in addresses:
-        progress.start_host(address)
-        if inline:
-            outcomes = scan_blocking(
-                address,
-                ports,
-                timeout=config.timeout,
-                concurrency=config.max_concurrent,
-                on_progress=_logging_errors(progress),
-            )
-        else:
-            outcomes = await scan_host(
-                address,
-                ports,
-                timeout=config.timeout,
-                concurrency=config.max_concurrent,
-                on_progress=progress,
-                shard_processes=processes,
-            )
-        progress.finish_host(len(outcomes))
-        swept.append((address, outcomes))
-    return swept
+    limits: ProbeLimits,
+) -> HostsResult:
+    """The one call into the engine: discovery, then every live host's ports interleaved
+    (``worker_service.probe.runner.scan_hosts``)."""
 
-
-def _logging_errors(progress: HostProgress) -> ProgressCallback:
-    # On the executor path the loop runs the callback and only logs its errors; a progress
-    # write that fails must not fail the scan here either.
     def report(event: ScanProgressEvent) -> None:
+        # Runs inline for short scans, where no loop logs its errors: a progress write that
+        # fails must not fail the scan.
         try:
-            progress(event)
+            for address, one in by_address(event):
+                if address is not None:
+                    progress.start_host(address)
+                progress(one)
         except Exception:
             log.exception("progress not reported")
 
-    return report
+    found = await scan_hosts(addresses, ports, config, report, limits=limits)
+    progress.finish_host(found.scanned)
+    return found
 
 
 async def deliver_scan(
@@ -238,7 +230,7 @@ async def deliver_scan(
     plan = plan_shards(addresses, ports, settings.shard_min_ports, settings.max_shards)
     if plan is not None:
         return await _shard(store, delivery, job, addresses, plan, settings), row
-    scan = ScanJob(job, addresses, events, update_state)
+    scan = ScanJob(job, addresses, events, update_state, probe_limits(settings))
     try:
         async with asyncio.timeout(delivery.work_deadline.remaining):
             return await scan.run(lambda: store.should_stop(job.scan_id)), row
@@ -316,9 +308,11 @@ class ScanJob:
         addresses: list[str],
         events: EventLog,
         update_state: Callable[[ScanProgress], None],
+        limits: ProbeLimits,
     ) -> None:
         self.job = job
         self.addresses = addresses
+        self.limits = limits
         self.ports = parse_port_spec(job.ports)
         self.reporter = ProgressReporter(events, update_state, len(self.ports) * len(addresses))
         self.started = datetime.now(UTC)
@@ -326,29 +320,56 @@ class ScanJob:
         self.open: list[PortResult] = []
         self.closed = 0
         self.filtered = 0
+        self.found: HostsResult | None = None
 
     async def run(self, should_stop: Callable[[], Awaitable[bool]]) -> Completed | Cancelled:
         stopped = await run_watched(self._scan(), should_stop, f"scan {self.job.scan_id}")
         if stopped:
             return Cancelled(self._partial())
-        return Completed(self._result("completed", self.reporter.total, self.open))
+        scanned = self.found.scanned if self.found is not None else self.reporter.total
+        return Completed(self._result("completed", scanned, self.open))
 
     async def _scan(self) -> None:
-        swept = await probe(self.addresses, self.ports, self.job.config, self.reporter)
-        for address, outcomes in swept:
-            open_ports = [o for o in outcomes if o.state == "open"]
-            services = await self._identify(address, [o.port for o in open_ports])
-            for outcome in open_ports:
-                info = services.get(outcome.port)
-                self.open.append(port_result(address, outcome.port, outcome.reason, info))
+        progress = LiveTotal(self.reporter)
+        found = await probe(
+            self.addresses, self.ports, self.job.config, progress, limits=self.limits
+        )
+        self.found = found
+        services = await self._identify_hosts(
+            {
+                host.address: [o.port for o in found.outcomes[host.address] if o.state == "open"]
+                for host in found.hosts
+                if host.address in found.outcomes and not host.tarpit
+            }
+        )
+        for address, outcomes in found.outcomes.items():
+            known = services.get(address, {})
+            for outcome in outcomes:
+                if outcome.state == "open":
+                    info = known.get(outcome.port)
+                    self.open.append(port_result(address, outcome.port, outcome.reason, info))
             self.closed += sum(1 for o in outcomes if o.state == "closed")
             self.filtered += sum(1 for o in outcomes if o.state == "filtered")
 
-    async def _identify(self, address: str, ports: list[int]) -> dict[int, ServiceInfo]:
-        if not ports or not self.job.config.service_detection:
+    async def _identify_hosts(
+        self, wanted: dict[str, list[int]]
+    ) -> dict[str, dict[int, ServiceInfo]]:
+        """Service identification on open ports only, after the sweep, several hosts at once
+        (a network's live hosts would otherwise wait for each other), bounded in time; a
+        tarpit's ports are left out by the caller."""
+        wanted = {address: ports for address, ports in wanted.items() if ports}
+        if not wanted or not self.job.config.service_detection:
             return {}
-        self.reporter.announce(f"Identifying services on {len(ports)} open ports", "services")
-        return await identify_services(address, ports, self.job.config)
+        count = sum(len(ports) for ports in wanted.values())
+        self.reporter.announce(f"Identifying services on {count} open ports", "services")
+        gate = asyncio.Semaphore(IDENTIFY_HOSTS)
+
+        async def one(address: str, ports: list[int]) -> dict[int, ServiceInfo]:
+            async with gate:
+                return await identify_services(address, ports, self.job.config)
+
+        found = await asyncio.gather(*(one(a, ports) for a, ports in wanted.items()))
+        return dict(zip(wanted, found, strict=True))
 
     def _partial(self) -> ScanResult:
         seen = {(p.address, p.port) for p in self.open}
@@ -376,4 +397,5 @@ class ScanJob:
             started_at=self.started,
             finished_at=datetime.now(UTC),
             duration_seconds=round(time.monotonic() - self.clock, 6),
+            **hosts_results(self.found),
         )

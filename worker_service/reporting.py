@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from shared.redis_keys import active_key, events_key
 from shared.scan_events import STREAM_MAXLEN, EventKind, encode_event
 from shared.schemas import ScanProgress
-from worker_service.scanner import ScanProgressEvent
+from worker_service.probe.runner import ScanProgressEvent
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,6 @@ from shared.retry import TRANSIENT_ERRORS, retry
 from shared.schemas import PortResult, ScanProgress, ScanResult, ScanTaskPayload
 from shared.store import ScanRow, ShardOutcome, ShardRow
 from shared.targets import parse_target
-from worker_service.fingerprint import ServiceInfo
 from worker_service.job import (
     Runtime,
     identify_services,
@@ -50,8 +49,9 @@ from worker_service.lifecycle import (
     Skipped,
     run_watched,
 )
+from worker_service.probe.identify import ServiceInfo
+from worker_service.probe.runner import ScanProgressEvent, probe_limits
 from worker_service.reporting import PROGRESS_INTERVAL, EventLog
-from worker_service.scanner import ScanProgressEvent
 
 
 class ShardFindings(BaseModel):
@@ -212,8 +212,10 @@ async def _sweep(
     progress = ShardProgress(events, shard.index, total, update_parent)
 
     async def sweep() -> None:
-        swept = await probe(list(shard.addresses), ports, job.config, progress, processes=1)
-        for address, outcomes in swept:
+        # The shards are the split across processes already: one probe process each.
+        limits = probe_limits(runtime.settings)._replace(probe_processes=1)
+        found = await probe(list(shard.addresses), ports, job.config, progress, limits=limits)
+        for address, outcomes in found.outcomes.items():
             findings.scanned += len(outcomes)
             for outcome in outcomes:
                 if outcome.state == "open":

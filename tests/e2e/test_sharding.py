@@ -94,7 +94,8 @@ def test_sharded_scan_can_be_cancelled(
             json={
                 "target": "127.0.0.1",
                 "ports": f"{low}-{low + 199},{silent_port}",
-                "config": {"timeout": 20.0, "service_detection": False},
+                # No retries: the 20 s timeout stays whole (no adaptive shortening).
+                "config": {"timeout": 20.0, "service_detection": False, "retries": 0},
             },
         ).json()["task_id"]
         deadline = time.monotonic() + 20

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests import needs
-from worker_service import fingerprint
-from worker_service.fingerprint import ServiceInfo, identify
+from worker_service.probe import identify as fingerprint
+from worker_service.probe.identify import ServiceInfo, identify
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 Serve = Callable[..., Awaitable[int]]

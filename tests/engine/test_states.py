@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests import needs
-from worker_service import shards
-from worker_service.engine import effective_concurrency
-from worker_service.scanner import ScanProgressEvent, scan_host
+from worker_service.probe import sweep
+from worker_service.probe.runner import ScanProgressEvent, scan_host
+from worker_service.probe.tiers import effective_concurrency
 
 Listeners = Callable[..., list[int]]
 
@@ -54,10 +54,10 @@ async def test_silent_port_is_filtered(silent_port: int) -> None:
 
 
 def test_self_connect_check() -> None:
-    assert shards.is_self_connect(("127.0.0.1", 40000), ("127.0.0.1", 40000))
-    assert shards.is_self_connect(("::1", 40000, 0, 0), ("::1", 40000, 0, 0))
-    assert not shards.is_self_connect(("127.0.0.1", 40001), ("127.0.0.1", 40000))
-    assert not shards.is_self_connect(("127.0.0.2", 40000), ("127.0.0.1", 40000))
+    assert sweep.is_self_connect(("127.0.0.1", 40000), ("127.0.0.1", 40000))
+    assert sweep.is_self_connect(("::1", 40000, 0, 0), ("::1", 40000, 0, 0))
+    assert not sweep.is_self_connect(("127.0.0.1", 40001), ("127.0.0.1", 40000))
+    assert not sweep.is_self_connect(("127.0.0.2", 40000), ("127.0.0.1", 40000))
 
 
 def test_a_real_self_connect_is_reported_closed() -> None:
@@ -65,15 +65,15 @@ def test_a_real_self_connect_is_reported_closed() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.connect(sock.getsockname())
-        assert shards._connected(sock) == ("closed", "self-connect")
+        assert sweep.connected(sock) == ("closed", "self-connect")
 
 
 def test_error_classification() -> None:
     import errno
 
-    assert shards.classify_error(errno.ECONNREFUSED) == ("closed", "conn-refused")
-    assert shards.classify_error(errno.EHOSTUNREACH) == ("filtered", "host-unreach")
-    assert shards.classify_error(errno.ETIMEDOUT) == ("filtered", "no-response")
+    assert sweep.classify_error(errno.ECONNREFUSED) == ("closed", "conn-refused")
+    assert sweep.classify_error(errno.EHOSTUNREACH) == ("filtered", "host-unreach")
+    assert sweep.classify_error(errno.ETIMEDOUT) == ("filtered", "no-response")
 
 
 async def test_progress_follows_tier_order(listeners: Listeners) -> None:
@@ -102,9 +102,9 @@ async def test_ipv6_loopback(listeners: Listeners) -> None:
     assert states == {open_port: "open", closed_port: "closed"}
 
 
-@pytest.mark.parametrize("shard_processes", [None, 2])
+@pytest.mark.parametrize("probe_processes", [None, 2])
 async def test_concurrency_beyond_capacity_stays_exact(
-    listeners: Listeners, shard_processes: int | None
+    listeners: Listeners, probe_processes: int | None
 ) -> None:
     opened = listeners(30)
     refused = listeners(3000, listen=False)
@@ -114,7 +114,7 @@ async def test_concurrency_beyond_capacity_stays_exact(
         sorted(opened + refused),
         timeout=1,
         concurrency=5000,
-        shard_processes=shard_processes,
+        probe_processes=probe_processes,
     )
     assert {o.port for o in outcomes if o.state == "open"} == set(opened)
     assert {o.port for o in outcomes if o.state == "closed"} == set(refused)
@@ -145,8 +145,8 @@ def _engine_in(netns: str, address: str, spec: str, *extra: str) -> dict[str, ob
 def test_full_range_in_a_namespace_finds_exactly_the_listeners(netns: str) -> None:
     expected = [1, 22, 80, 443, 1000, 4096, 6379, 32768, 45000, 60999, 61000, 65535]
     fixture = subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-m", "bench.listeners"]
-        + [str(port) for port in expected],
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "tests.support.lab_listen"]
+        + [f"127.0.0.1:{port}" for port in expected],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -165,19 +165,19 @@ def test_full_range_in_a_namespace_finds_exactly_the_listeners(netns: str) -> No
 
 @pytest.mark.netns
 def test_dropped_and_unreachable_targets_are_filtered(netns: str) -> None:
-    # Both addresses exist only inside the namespace. Frames for 10.203.0.2 go out on a veth
+    # Both addresses exist only inside the namespace. Frames for 198.18.203.2 go out on a veth
     # whose peer has another MAC and drops them (silence); an "unreachable" route answers at
     # once with EHOSTUNREACH.
     for command in (
         "ip link add quiet0 type veth peer name quiet1",
-        "ip addr add 10.203.0.1/24 dev quiet0",
+        "ip addr add 198.18.203.1/24 dev quiet0",
         "ip link set quiet0 up",
         "ip link set quiet1 up",
-        "ip neigh add 10.203.0.2 lladdr 02:00:00:00:00:02 dev quiet0",
-        "ip route add unreachable 10.204.0.0/24",
+        "ip neigh add 198.18.203.2 lladdr 02:00:00:00:00:02 dev quiet0",
+        "ip route add unreachable 198.18.204.0/24",
     ):
         subprocess.run(["ip", "netns", "exec", netns, *command.split()], check=True, timeout=10)
-    dropped = _engine_in(netns, "10.203.0.2", "22,80,443", "--timeout", "0.5")
+    dropped = _engine_in(netns, "198.18.203.2", "22,80,443", "--timeout", "0.5")
     assert dropped["notable"] == {p: ("filtered", "no-response") for p in (22, 80, 443)}
-    unreachable = _engine_in(netns, "10.204.0.2", "22,80", "--timeout", "0.5")
+    unreachable = _engine_in(netns, "198.18.204.2", "22,80", "--timeout", "0.5")
     assert unreachable["notable"] == {p: ("filtered", "host-unreach") for p in (22, 80)}

@@ -1,0 +1,159 @@
+"""Is the host up: TCP connect pings, and ICMP echo where this process may send it.
+
+As nmap does unprivileged: a connect to 80 or 443 that is answered, by a SYN-ACK or by a
+reset, says the host is up. ICMP echo goes out too when the process may: through a ping socket
+(``SOCK_DGRAM``, allowed by ``net.ipv4.ping_group_range``) or a raw socket (``CAP_NET_RAW``);
+with neither, TCP alone decides. Unanswered pings are retransmitted like port probes, so a
+lost SYN does not mark a live host down. IPv4 only for ICMP; IPv6 hosts rely on TCP.
+"""
+
+from __future__ import annotations
+
+import _socket as socket
+import os
+import time
+
+from worker_service.probe.scheduler import Scheduler
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import threading
+    from collections.abc import Sequence
+    from typing import Final
+
+    from worker_service.probe.timing import TokenBucket
+
+PING_PORTS: Final = (80, 443)
+"""nmap's unprivileged default TCP ping ports."""
+_ECHO_REQUEST, _ECHO_REPLY = 8, 0
+
+
+class HostState:
+    """What discovery learned of one address: up or down, why, and its first RTT estimate."""
+
+    __slots__ = ("reason", "seed", "up")
+
+    def __init__(self, up: bool, reason: str, seed: tuple[float, float] | None = None) -> None:
+        self.up = up
+        self.reason = reason
+        self.seed = seed
+
+    def __repr__(self) -> str:
+        return f"HostState({self.up!r}, {self.reason!r})"
+
+
+def checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of ``data``."""
+    if len(data) % 2:
+        data += b"\x00"
+    total = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def echo_request(ident: int, seq: int) -> bytes:
+    body = b"cybersec-scan"
+    header = bytes([_ECHO_REQUEST, 0, 0, 0]) + ident.to_bytes(2, "big") + seq.to_bytes(2, "big")
+    sum_ = checksum(header + body)
+    return header[:2] + sum_.to_bytes(2, "big") + header[4:] + body
+
+
+def open_icmp() -> tuple[socket.socket, bool] | None:
+    """An ICMP socket this process may use, and whether it is raw; None when neither kind is
+    allowed (no ping group, no CAP_NET_RAW)."""
+    for kind, raw in ((socket.SOCK_DGRAM, False), (socket.SOCK_RAW, True)):
+        try:
+            sock = socket.socket(socket.AF_INET, kind | socket.SOCK_NONBLOCK, socket.IPPROTO_ICMP)
+        except OSError:
+            continue
+        return sock, raw
+    return None
+
+
+def echo_replies(sock: socket.socket, raw: bool, ident: int) -> set[str]:
+    """Addresses whose echo replies wait on ``sock``."""
+    answered: set[str] = set()
+    while True:
+        try:
+            data, (address, _port) = sock.recvfrom(2048)
+        except (BlockingIOError, InterruptedError):
+            return answered
+        if raw:
+            data = data[(data[0] & 0x0F) * 4 :]
+            if len(data) < 8 or int.from_bytes(data[4:6], "big") != ident:
+                continue  # someone else's ping, or not a reply to ours
+        if data and data[0] == _ECHO_REPLY:
+            answered.add(address)
+
+
+def _pace(bucket: TokenBucket | None) -> None:
+    """Wait for the scan's rate to allow one more packet (echoes count against it too)."""
+    if bucket is None:
+        return
+    while wait := bucket.take(time.monotonic()):
+        time.sleep(wait)
+
+
+def discover(
+    hosts: Sequence[str],
+    *,
+    timeout: float,
+    retries: int,
+    inflight: int,
+    min_timeout: float,
+    bucket: TokenBucket | None = None,
+    icmp: bool = True,
+    stop: threading.Event | None = None,
+) -> dict[str, HostState]:
+    """Ping every host (TCP to ``PING_PORTS``, ICMP echo where allowed); a host is up on
+    ``syn-ack``, ``reset`` or ``echo-reply``, else down with ``no-response`` (or the ICMP
+    error the network sent back, e.g. ``host-unreach``)."""
+    ident = os.getpid() & 0xFFFF
+    pinger = open_icmp() if icmp else None
+    v4 = [address for address in hosts if ":" not in address]
+    try:
+        if pinger is not None:
+            sock, _raw = pinger
+            for seq in range(1 + max(0, retries)):
+                for address in v4:
+                    _pace(bucket)
+                    # A full send buffer or an unroutable address: TCP still decides.
+                    try:
+                        sock.sendto(echo_request(ident, seq), (address, 0))
+                    except OSError:
+                        break
+        scheduler = Scheduler(
+            timeout=timeout,
+            min_timeout=min_timeout,
+            retries=retries,
+            inflight=inflight,
+            bucket=bucket,
+            stop=stop,
+        )
+        notable = scheduler.run(hosts, PING_PORTS)
+        echoed: set[str] = set()
+        if pinger is not None:
+            deadline = time.monotonic() + min(timeout, 0.05)
+            while time.monotonic() < deadline and len(echoed) < len(v4):
+                echoed |= echo_replies(pinger[0], pinger[1], ident)
+                time.sleep(0.005)
+        states = {}
+        for address in hosts:
+            timing = scheduler.timing[address]
+            seed = timing.state if timing.srtt >= 0 else None
+            outcomes = [notable.get((address, port)) for port in PING_PORTS]
+            if any(o is not None and o[0] == "open" for o in outcomes):
+                states[address] = HostState(True, "syn-ack", seed)
+            elif any(o is None for o in outcomes):
+                states[address] = HostState(True, "reset", seed)
+            elif address in echoed:
+                states[address] = HostState(True, "echo-reply")
+            else:
+                reasons = {o[1] for o in outcomes if o is not None}
+                reasons.discard("no-response")
+                states[address] = HostState(False, min(reasons) if reasons else "no-response")
+        return states
+    finally:
+        if pinger is not None:
+            pinger[0].close()
