@@ -155,7 +155,13 @@ class Stack:
                 "max_active_scans": 100_000_000,
             }
         )
-        self.queues.update({self.settings.scan_queue, self.settings.dead_letter_queue})
+        self.queues.update(
+            {
+                self.settings.scan_queue,
+                self.settings.critical_queue,
+                self.settings.dead_letter_queue,
+            }
+        )
 
     @property
     def api_key(self) -> str:

@@ -280,7 +280,7 @@ async def delete_queues(settings: Settings) -> None:
     connection = await aio_pika.connect(settings.broker_url)
     async with connection:
         channel = await connection.channel()
-        for queue in (settings.scan_queue, settings.dead_letter_queue):
+        for queue in (settings.scan_queue, settings.critical_queue, settings.dead_letter_queue):
             await channel.queue_delete(queue)
 
 
