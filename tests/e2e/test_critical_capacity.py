@@ -3,6 +3,7 @@ node while long scans hold every process of the normal node."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Iterator
@@ -12,8 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
+from bench import _messages as msgs
 from bench._stack import settings_env
 from shared.settings import Settings
+from shared.store import ScanStore
 from tests.conftest import Process, auth, base_url, own_stack, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -105,3 +108,28 @@ def test_critical_scan_runs_while_long_scans_hold_every_normal_process(
                 client.delete(f"/api/scan/{task_id}")
         for task_id in long_ids:
             assert wait_state(client, task_id, {"REVOKED"}) == "REVOKED"
+
+
+async def test_a_critical_scan_queued_under_the_old_routing_still_runs(
+    reserved_stack: Settings, store: ScanStore, listeners: list[int]
+) -> None:
+    """Before the critical queue, critical scans went to the scan queue at priority 10; one
+    still waiting there after an upgrade runs on the normal node."""
+    settings = reserved_stack
+    [(scan_id, _task_id)] = await msgs.preload_scans(
+        settings.broker_url,
+        settings.scan_queue,
+        settings.dead_letter_queue,
+        store,
+        1,
+        ",".join(map(str, listeners)),
+        "critical",
+        detect=False,
+    )
+    deadline = time.monotonic() + 30
+    while (row := await store.get(scan_id)) is None or row.state != "completed":
+        assert row is None or row.state in ("queued", "running"), row
+        assert time.monotonic() < deadline, row
+        await asyncio.sleep(0.05)
+    assert row.result is not None
+    assert sorted(p.port for p in row.result.open_ports) == listeners
