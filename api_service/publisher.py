@@ -16,7 +16,7 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError
 
-from shared.protocol import TaskMessage, queue_arguments
+from shared.protocol import TaskMessage, queue_arguments, queue_for
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,12 +77,13 @@ class AmqpPublisher:
                 await channel.declare_queue(
                     self.settings.dead_letter_queue, durable=True, timeout=timeout
                 )
-                await channel.declare_queue(
-                    self.settings.scan_queue,
-                    durable=True,
-                    arguments=queue_arguments(self.settings.dead_letter_queue),
-                    timeout=timeout,
-                )
+                for queue in (self.settings.scan_queue, self.settings.critical_queue):
+                    await channel.declare_queue(
+                        queue,
+                        durable=True,
+                        arguments=queue_arguments(self.settings.dead_letter_queue),
+                        timeout=timeout,
+                    )
             except (AMQPError, OSError, TimeoutError) as exc:
                 if self._connection is not None and self._channel is None:
                     await self._connection.close()
@@ -111,7 +112,9 @@ class AmqpPublisher:
             # frames were written, so waiting for the write as well only costs a wakeup.
             await underlay.basic_publish(
                 message.body,
-                routing_key=self.settings.scan_queue,
+                routing_key=queue_for(
+                    message.priority, self.settings.scan_queue, self.settings.critical_queue
+                ),
                 properties=properties,
                 mandatory=True,
                 timeout=self.settings.publish_timeout,

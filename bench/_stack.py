@@ -48,6 +48,29 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return {**settings.child_environ(os.environ), "PYTHONUNBUFFERED": "1"}
 
 
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A loopback port that never answers a SYN: a listener whose accept queue is full."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    fillers: list[socket.socket] = []
+    try:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port: int = server.getsockname()[1]
+        # Linux queues backlog + 1 connections; once full, further SYNs are dropped silently.
+        for _ in range(2):
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        time.sleep(0.1)
+        yield port
+    finally:
+        for sock in fillers:
+            sock.close()
+        server.close()
+
+
 class Child:
     """A process the benchmark started, in its own session; ``stop`` ends its whole group."""
 
@@ -155,7 +178,13 @@ class Stack:
                 "max_active_scans": 100_000_000,
             }
         )
-        self.queues.update({self.settings.scan_queue, self.settings.dead_letter_queue})
+        self.queues.update(
+            {
+                self.settings.scan_queue,
+                self.settings.critical_queue,
+                self.settings.dead_letter_queue,
+            }
+        )
 
     @property
     def api_key(self) -> str:
@@ -204,6 +233,22 @@ class Stack:
         while not await asyncio.to_thread(heartbeat.exists):
             if not child.alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"worker did not start:\n{child.output()}")
+            await asyncio.sleep(0.05)
+        return child
+
+    async def start_critical_worker(self) -> Child:
+        """``python -m worker_service --critical``: the reserved node of the critical queue."""
+        heartbeat = Path(f"{self.settings.heartbeat_file}.critical")
+        await asyncio.to_thread(heartbeat.unlink, missing_ok=True)
+        child = self.start(
+            "worker-critical",
+            ["-m", "worker_service", "--critical", "--without-mingle"],
+            settings_env(self.settings),
+        )
+        deadline = time.monotonic() + 60
+        while not await asyncio.to_thread(heartbeat.exists):
+            if not child.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"critical worker did not start:\n{child.output()}")
             await asyncio.sleep(0.05)
         return child
 

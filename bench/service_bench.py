@@ -45,11 +45,12 @@ from bench._stack import (
     rss_kb,
     sampled_memory,
     settings_env,
+    silent_port,
     wait_http,
 )
 from shared.store import ScanStore, create_pool
 
-BENCHMARKS = ("gateway", "workers", "priority", "e2e", "memory", "scale")
+BENCHMARKS = ("gateway", "workers", "priority", "capacity", "e2e", "memory", "scale")
 SCAN_BODY = {"target": "127.0.0.1", "ports": "80", "priority": "normal"}
 
 
@@ -181,8 +182,23 @@ class Bench:
             await self._store.pool.close()
             self._store = None
 
+    async def preload_lows(self) -> list[tuple[UUID, UUID]]:
+        """The plan's low 1000-port scans, queued as rows and messages on the scan queue."""
+        settings = self.settings
+        return await msgs.preload_scans(
+            settings.broker_url,
+            settings.scan_queue,
+            settings.dead_letter_queue,
+            await self.store(),
+            self.plan.priority_lows,
+            "1-1000",
+            "low",
+        )
+
     async def purge_scans(self) -> None:
-        await msgs.purge(self.settings.broker_url, self.settings.scan_queue)
+        await msgs.purge(
+            self.settings.broker_url, self.settings.scan_queue, self.settings.critical_queue
+        )
 
     async def loadgen(
         self, port: int, *, seconds: float, connections: int, rate: float = 0.0
@@ -654,15 +670,7 @@ async def bench_priority(bench: Bench) -> Table:
         ResultWatcher(settings.redis_url, settings.redis_prefix) as watcher,
         bench.client() as client,
     ):
-        lows = await msgs.preload_scans(
-            settings.broker_url,
-            settings.scan_queue,
-            settings.dead_letter_queue,
-            store,
-            plan.priority_lows,
-            "1-1000",
-            "low",
-        )
+        lows = await bench.preload_lows()
         low_ids = {str(t) for _s, t in lows}
         worker = await bench.stack.start_worker(2)
         try:
@@ -708,6 +716,92 @@ async def bench_priority(bench: Bench) -> Table:
         "prefork 2, prefetch 1, late acks",
     ]
     return table
+
+
+# --- 3b. reserved critical capacity (issue 15, item 7) --------------------------------------
+
+
+async def bench_capacity(bench: Bench) -> Table:
+    """Critical start delay while long scans hold every normal process and low scans queue."""
+    plan, settings = bench.plan, bench.settings
+    table = Table(
+        f"3b. Capacity: critical scan while 2 long scans hold both worker processes, "
+        f"behind {plan.priority_lows} queued low scans"
+    )
+    await bench.ensure_api()
+    await bench.purge_scans()
+    store = await bench.store()
+    delays: list[float] = []
+    ends: list[float] = []
+    long_body = {
+        "target": "127.0.0.1",
+        "priority": "low",
+        "config": {"timeout": 30.0, "retries": 0, "service_detection": False},
+    }
+    workers = [await bench.stack.start_worker(2), await bench.stack.start_critical_worker()]
+    long_ids: list[str] = []
+    async with bench.client() as client:
+        try:
+            with silent_port() as port:
+                for _ in range(2):
+                    long_ids.append(await bench.submit(client, {**long_body, "ports": str(port)}))
+                deadline = time.monotonic() + 30
+                while await store.pool.fetchval(
+                    "SELECT count(*) FROM scans WHERE task_id = ANY($1::uuid[])"
+                    " AND started_at IS NOT NULL",
+                    [UUID(t) for t in long_ids],
+                ) < len(long_ids):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the long scans did not start")
+                    await asyncio.sleep(0.05)
+                await bench.preload_lows()
+                queued = await msgs.depth(settings.broker_url, settings.scan_queue)
+                for _ in range(plan.criticals):
+                    body = {"target": "127.0.0.1", "ports": "1-100", "priority": "critical"}
+                    # From before the POST: an upper bound of 202 -> start, never below it.
+                    accepted = time.time()
+                    task_id = await bench.submit(client, body)
+                    final = await wait_final_state(client, task_id, 20.0)
+                    ends.append(time.time() - accepted)
+                    if final != "SUCCESS":
+                        raise RuntimeError(f"critical scan ended {final}")
+                    started = await store.pool.fetchval(
+                        "SELECT started_at FROM scans WHERE task_id = $1", UUID(task_id)
+                    )
+                    delays.append(started.timestamp() - accepted)
+                still_running = [
+                    (await client.get(f"/api/scan/{t}")).json()["state"] for t in long_ids
+                ]
+        finally:
+            for task_id in long_ids:
+                await client.delete(f"/api/scan/{task_id}")
+            await bench.purge_scans()
+            for worker in reversed(workers):
+                bench.stack.stop(worker)
+    table.goal(
+        "POST -> started_at, max", ms(max(delays)), "82.8 s", "", "<= 500 ms", max(delays) <= 0.5
+    )
+    table.add("POST -> started_at, p50", ms(statistics.median(delays)))
+    table.add("POST -> SUCCESS, p50 / max", f"{ms(statistics.median(ends))} / {ms(max(ends))}")
+    table.add("long scans at the end", ", ".join(still_running))
+    table.add("low scans queued behind", str(queued))
+    table.notes += [
+        f"{plan.criticals} critical 100-port loopback scans over HTTP, one after another; normal "
+        "node prefork 2 (both holding a 30 s scan of a silent port), reserved node "
+        "`python -m worker_service --critical` with 1 process; reference: the wait measured "
+        "before the reserved node (issue 15, two long network scans holding both processes)",
+    ]
+    return table
+
+
+async def wait_final_state(client: httpx.AsyncClient, task_id: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state: str = (await client.get(f"/api/scan/{task_id}")).json()["state"]
+        if state in ("SUCCESS", "FAILURE", "REVOKED"):
+            return state
+        await asyncio.sleep(0.02)
+    raise RuntimeError(f"{task_id} did not end within {timeout}s")
 
 
 # --- 4. end to end -------------------------------------------------------------------------
@@ -890,6 +984,7 @@ RUNNERS: dict[str, Callable[[Bench], Awaitable[Table]]] = {
     "gateway": bench_gateway,
     "workers": bench_workers,
     "priority": bench_priority,
+    "capacity": bench_capacity,
     "e2e": bench_e2e,
     "memory": bench_memory,
     "scale": bench_scale,

@@ -65,6 +65,9 @@ def run_dev(settings: Settings, console: Console, api_key: str) -> int:
             ],
             env=env,
         ),
+        # The reserved critical node (issue 15): critical scans start while long ones hold
+        # every process of the worker above.
+        subprocess.Popen([sys.executable, "-m", "worker_service", "--critical"], env=env),
         # Schedules and webhooks (issue 17).
         subprocess.Popen(
             [sys.executable, "-m", "api_service.dispatcher"], env=env, start_new_session=True
@@ -72,7 +75,8 @@ def run_dev(settings: Settings, console: Console, api_key: str) -> int:
     ]
     base = f"http://{settings.api_host}:{settings.api_port}"
     console.print(
-        f"API on {base}, one worker on queue {settings.scan_queue}, one dispatcher."
+        f"API on {base}, one worker on queue {settings.scan_queue}, one reserved worker on"
+        f" {settings.critical_queue}, one dispatcher."
         " Ctrl-C stops them.\n"
         f"Development API key: [bold]{api_key}[/bold]\nTry:\n"
         f"  curl -s -X POST {base}/api/scan -H 'authorization: Bearer {api_key}' "

@@ -29,6 +29,15 @@ MAX_DELIVERIES: Final = 5
 """Deliveries of one message before it is dead-lettered (see the worker's poison guard)."""
 
 
+def queue_for(priority: int, scan_queue: str, critical_queue: str) -> str:
+    """The queue a message of this AMQP priority goes to: critical scans (and their shards and
+    merges) to the critical queue, which reserved worker processes consume, everything else to
+    the scan queue. Workers of the scan queue consume the critical queue too, so a free normal
+    process also takes a critical scan; a critical scan published before this routing existed
+    is still in the scan queue, where it keeps its priority."""
+    return critical_queue if priority >= PRIORITIES["critical"] else scan_queue
+
+
 def queue_arguments(dead_letter_queue: str) -> dict[str, Any]:
     """Arguments of the scan queue; every declarer must pass exactly these or RabbitMQ refuses."""
     return {

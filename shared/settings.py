@@ -217,6 +217,13 @@ class Settings(BaseSettings):
     """A host with at least this many open ports, open on 90% of the ports probed so far,
     is flagged as a tarpit and its services are not identified."""
 
+    # Reserved critical capacity (issue 15, item 7): the critical queue's own worker node.
+    critical_concurrency: int = Field(default=1, ge=1, le=64)
+    """Processes of ``python -m worker_service --critical``, the node that consumes only the
+    critical queue: capacity no low, normal or high scan can hold."""
+    critical_metrics_port: int = Field(default=0, ge=0, le=65535)
+    """Prometheus port of the critical node (0: off); the normal node keeps ``metrics_port``."""
+
     @field_validator("api_keys", "target_allow", "target_deny", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
@@ -269,6 +276,11 @@ class Settings(BaseSettings):
     @property
     def dead_letter_queue(self) -> str:
         return f"{self.queue_prefix}.scans.dead"
+
+    @property
+    def critical_queue(self) -> str:
+        """Critical scans only (issue 15, item 7); see ``shared.protocol.queue_for``."""
+        return f"{self.queue_prefix}.scans.critical"
 
 
 def load_settings() -> Settings:

@@ -25,6 +25,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bench._stack import free_port, settings_env
+from bench._stack import silent_port as silent_listener
 from shared.migrate import drop_database, migrate
 from shared.settings import Settings
 from shared.store import ScanStore, create_pool
@@ -280,7 +281,7 @@ async def delete_queues(settings: Settings) -> None:
     connection = await aio_pika.connect(settings.broker_url)
     async with connection:
         channel = await connection.channel()
-        for queue in (settings.scan_queue, settings.dead_letter_queue):
+        for queue in (settings.scan_queue, settings.critical_queue, settings.dead_letter_queue):
             await channel.queue_delete(queue)
 
 
@@ -308,24 +309,8 @@ def listeners() -> Iterator[list[int]]:
 @pytest.fixture
 def silent_port() -> Iterator[int]:
     """A loopback port that never answers a SYN: a listener whose accept queue is full."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    fillers: list[socket.socket] = []
-    try:
-        server.bind(("127.0.0.1", 0))
-        server.listen(0)
-        port: int = server.getsockname()[1]
-        # Linux queues backlog + 1 connections; once full, further SYNs are dropped silently.
-        for _ in range(2):
-            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-            fillers.append(filler)
-        time.sleep(0.1)
+    with silent_listener() as port:
         yield port
-    finally:
-        for sock in fillers:
-            sock.close()
-        server.close()
 
 
 @pytest.fixture

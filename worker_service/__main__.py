@@ -1,4 +1,10 @@
-"""``python -m worker_service [celery worker options]``: a Celery worker on the scan queue."""
+"""``python -m worker_service [--critical] [celery worker options]``: a Celery worker.
+
+Without ``--critical``: the node consumes the scan queue and the critical queue with
+``CYBERSEC_WORKER_CONCURRENCY`` processes. With ``--critical``: the reserved node, which consumes
+only the critical queue with ``CYBERSEC_CRITICAL_CONCURRENCY`` processes, so a critical scan finds
+a free process even while long scans hold every normal one. Run one of each per worker host.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,12 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+CRITICAL_FLAG = "--critical"
 
 
 def _metrics_directory() -> str:
@@ -27,6 +38,24 @@ def _keep_our_logging(**_: Any) -> None:
     """Connected to Celery's ``setup_logging``: Celery then installs no handler of its own."""
 
 
+def critical_node(settings: Settings) -> tuple[Settings, list[str]]:
+    """The reserved node's settings (own heartbeat file and metrics port, so it runs beside a
+    normal node on one host) and the worker options that bind it to the critical queue."""
+    node = settings.model_copy(
+        update={
+            "worker_concurrency": settings.critical_concurrency,
+            "heartbeat_file": f"{settings.heartbeat_file}.critical",
+            "metrics_port": settings.critical_metrics_port,
+        }
+    )
+    options = [
+        f"--queues={settings.critical_queue}",
+        f"--concurrency={settings.critical_concurrency}",
+        f"--hostname={settings.queue_prefix}-critical-{os.getpid()}@%h",
+    ]
+    return node, options
+
+
 def main(argv: list[str] | None = None) -> None:
     # SIGTERM means Celery's soft shutdown (finish within the bound, then requeue), not a warm
     # shutdown that waits forever. billiard reads this when imported, so set it first.
@@ -35,6 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     from shared.settings import load_settings
 
     settings = load_settings()
+    args = sys.argv[1:] if argv is None else list(argv)
+    if CRITICAL_FLAG in args:
+        args.remove(CRITICAL_FLAG)
+        settings, options = critical_node(settings)
+        args = [*options, *args]
     configure_logging(settings.log_level, "worker", settings.log_format)
     if settings.metrics_port:
         # Every prefork child writes its samples there. prometheus_client picks multiprocess
@@ -46,7 +80,6 @@ def main(argv: list[str] | None = None) -> None:
 
     setup_logging.connect(_keep_our_logging, weak=False)
     app = create_worker_app(settings)
-    args = sys.argv[1:] if argv is None else argv
     if not any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in args):
         # Node names must be unique per broker (each owns an exclusive pidbox queue); two
         # workers on one host would otherwise both be celery@host.

@@ -47,7 +47,12 @@ def make_celery(settings: Settings) -> Celery:
         result_serializer=codec.CODEC_NAME,
         accept_content=[codec.CODEC_NAME],
         result_accept_content=[codec.CODEC_NAME],
-        task_queues=[scan_queue(settings.scan_queue, settings.dead_letter_queue)],
+        # A node consumes both unless started with ``--queues`` (the critical node's
+        # ``python -m worker_service --critical``): critical scans take any free process.
+        task_queues=[
+            scan_queue(settings.scan_queue, settings.dead_letter_queue),
+            scan_queue(settings.critical_queue, settings.dead_letter_queue),
+        ],
         task_default_queue=settings.scan_queue,
         task_routes={SCAN_TASK: {"queue": settings.scan_queue}},
         task_queue_max_priority=None,

@@ -26,6 +26,7 @@ from shared.protocol import (
     SCAN_TASK,
     SHARD_TASK,
     STORING,
+    queue_for,
 )
 from shared.retry import TRANSIENT_ERRORS, backoff, retry
 from shared.schemas import ScanProgress, ScanResult, ScanTaskPayload
@@ -225,7 +226,9 @@ def _publish_shards(
                 SHARD_TASK,
                 args=(payload, str(task.request.id), shard.index),
                 priority=PRIORITIES[job.priority],
-                queue=settings.scan_queue,
+                queue=queue_for(
+                    PRIORITIES[job.priority], settings.scan_queue, settings.critical_queue
+                ),
                 time_limit=hard,
                 soft_time_limit=soft,
             )
@@ -243,7 +246,7 @@ def _publish_merge(task: Task[Any, Any], job: ScanTaskPayload, parent_id: str) -
             MERGE_TASK,
             args=(job.model_dump(mode="json"), parent_id),
             priority=PRIORITIES[job.priority],
-            queue=settings.scan_queue,
+            queue=queue_for(PRIORITIES[job.priority], settings.scan_queue, settings.critical_queue),
             time_limit=hard,
             soft_time_limit=soft,
         )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ import yaml
 
 from shared.errors import TargetDenied
 from shared.policy import TargetPolicy
+from worker_service.__main__ import critical_node
 
 from .conftest import (
     DEPLOY,
@@ -21,8 +25,17 @@ from .conftest import (
     load_settings,
 )
 
-OURS = ("migrate", "api", "worker", "dispatcher")
-LONG_RUNNING = ("rabbitmq", "redis", "postgres", "api", "worker", "dispatcher", "flower")
+OURS = ("migrate", "api", "worker", "worker-critical", "dispatcher")
+LONG_RUNNING = (
+    "rabbitmq",
+    "redis",
+    "postgres",
+    "api",
+    "worker",
+    "worker-critical",
+    "dispatcher",
+    "flower",
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +92,7 @@ def test_long_running_services_have_healthchecks(services: dict[str, Any], name:
 def test_start_order_waits_for_health_and_migrations(services: dict[str, Any]) -> None:
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert services["migrate"]["command"] == ["cybersec", "migrate"]
-    for name in ("api", "worker", "dispatcher"):
+    for name in ("api", "worker", "worker-critical", "dispatcher"):
         depends_on = services[name]["depends_on"]
         assert depends_on["migrate"] == {"condition": "service_completed_successfully"}
         for backend in ("rabbitmq", "redis", "postgres"):
@@ -104,6 +117,34 @@ def test_worker_healthcheck_is_heartbeat_age(services: dict[str, Any], tmp_path:
     assert heartbeat_probe_exit_codes(command, tmp_path) == (0, 1, 1)
 
 
+def test_reserved_critical_node(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Issue 15: a node of its own on the critical queue, stopped like the workers, whose
+    healthcheck reads the heartbeat file that node writes."""
+    node = services["worker-critical"]
+    assert node["command"] == ["python", "-m", "worker_service", "--critical"]
+    assert "container_name" not in node
+    assert "ports" not in node
+    env = {key: str(value) for key, value in node["environment"].items()}
+    settings = load_settings(monkeypatch, env)
+    assert seconds(node["stop_grace_period"]) >= settings.shutdown_timeout + 5
+    heartbeat = Path(critical_node(settings)[0].heartbeat_file)
+    assert heartbeat.name == f"{Path(settings.heartbeat_file).name}.critical"
+    command = node["healthcheck"]["test"][1:]
+    written = tmp_path / "heartbeat.critical"
+    probe_env = {**os.environ, "CYBERSEC_HEARTBEAT_FILE": str(tmp_path / "heartbeat")}
+
+    def probe() -> int:
+        argv = [sys.executable, *command[1:]]
+        return subprocess.run(argv, env=probe_env, timeout=30, check=False).returncode
+
+    written.touch()
+    assert probe() == 0
+    written.unlink()
+    assert probe() == 1
+
+
 def test_our_containers_run_unprivileged(services: dict[str, Any]) -> None:
     for name in OURS:
         service = services[name]
@@ -122,7 +163,7 @@ def test_the_stack_never_scans_its_own_network(services: dict[str, Any]) -> None
     """Before, a scan from compose could reach RabbitMQ, Redis and PostgreSQL by address."""
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     [subnet] = [c["subnet"] for c in compose["networks"]["default"]["ipam"]["config"]]
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "worker-critical"):
         deny = services[name]["environment"]["CYBERSEC_TARGET_DENY"].split(",")
         assert subnet in deny
         policy = TargetPolicy(deny=deny, own=())

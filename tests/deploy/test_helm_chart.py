@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,10 +66,12 @@ class Rendered:
     def deployment(self, component: str) -> Obj:
         return self.get("Deployment", f"{FULLNAME}-{component}")
 
-    def container(self, component: str) -> Obj:
+    def container(self, component: str, name: str | None = None) -> Obj:
+        """The component's container named ``name`` (default: the component's own name; the
+        worker pods also hold ``worker-critical``)."""
         containers: list[Obj] = self.deployment(component)["spec"]["template"]["spec"]["containers"]
-        assert len(containers) == 1
-        return containers[0]
+        [found] = [c for c in containers if c["name"] == (name or component)]
+        return found
 
     def container_env(self, component: str) -> dict[str, str]:
         """The container's environment as the kubelet would build it; a Secret the chart does not
@@ -294,10 +299,16 @@ def test_keda_scales_workers_on_the_queue_they_consume(monkeypatch: pytest.Monke
         "name": rendered.deployment("worker")["metadata"]["name"],
     }
     assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (2, 40)
-    [trigger] = spec["triggers"]
+    trigger, critical_trigger = spec["triggers"]
     assert trigger["type"] == "rabbitmq"
     metadata = trigger["metadata"]
     assert metadata["queueName"] == worker_settings.scan_queue == "acme-prod.scans"
+    # Critical scans waiting for the reserved containers scale the pods too (issue 15).
+    assert critical_trigger == {
+        **trigger,
+        "metadata": {**metadata, "queueName": worker_settings.critical_queue},
+    }
+    assert worker_settings.critical_queue == "acme-prod.scans.critical"
     # Over the management API unacked (in-flight) messages count; over AMQP they would not.
     assert metadata["protocol"] == "http"
     assert metadata["mode"] == "QueueLength"
@@ -359,6 +370,39 @@ def test_worker_liveness_is_heartbeat_age(rendered: Rendered, tmp_path: Path) ->
     assert heartbeat_probe_exit_codes(command, tmp_path) == (0, 1, 1)
     max_age = rendered.values["worker"]["heartbeatMaxAge"]
     assert probe["periodSeconds"] * probe["failureThreshold"] + max_age <= 120
+
+
+def test_every_worker_pod_runs_a_reserved_critical_container(
+    rendered: Rendered, tmp_path: Path
+) -> None:
+    """Issue 15: ``python -m worker_service --critical`` beside the worker, same settings, its
+    liveness read from the heartbeat file that node writes."""
+    worker = rendered.container("worker")
+    critical = rendered.container("worker", "worker-critical")
+    assert critical["args"] == ["python", "-m", "worker_service", "--critical"]
+    assert critical["image"] == worker["image"]
+    assert critical["env"] == worker["env"]
+    assert critical["envFrom"] == worker["envFrom"]
+    assert "ports" not in critical, "its metrics are off: the pod has one metrics port"
+    env = rendered.container_env("worker")
+    assert env["CYBERSEC_CRITICAL_METRICS_PORT"] == "0"
+    assert env["CYBERSEC_CRITICAL_CONCURRENCY"] == str(
+        rendered.values["worker"]["critical"]["concurrency"]
+    )
+    command = critical["livenessProbe"]["exec"]["command"]
+    assert critical["startupProbe"]["exec"]["command"] == command
+    heartbeat = tmp_path / "heartbeat"
+    probe_env = {**os.environ, "CYBERSEC_HEARTBEAT_FILE": str(heartbeat)}
+
+    def probe() -> int:
+        argv = [sys.executable, *command[1:]]
+        return subprocess.run(argv, env=probe_env, timeout=30, check=False).returncode
+
+    Path(f"{heartbeat}.critical").touch()
+    assert probe() == 0
+    Path(f"{heartbeat}.critical").unlink()
+    heartbeat.touch()  # the normal node's file does not keep the critical one alive
+    assert probe() == 1
 
 
 def test_worker_grace_period_exceeds_shutdown_bound(rendered: Rendered) -> None:

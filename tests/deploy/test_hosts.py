@@ -28,7 +28,11 @@ from .conftest import (
 
 UNITS = DEPLOY / "systemd"
 ENV_FILE = "/etc/cybersec/cybersec.env"
-SERVICES = {"api": "api_service", "worker": "worker_service"}
+SERVICES = {
+    "api": "api_service",
+    "worker": "worker_service",
+    "worker-critical": "worker_service --critical",
+}
 
 Unit = dict[str, dict[str, list[str]]]
 
@@ -112,7 +116,7 @@ def test_every_shipped_secret_is_refused_in_production() -> None:
     assert [s for s in secrets if not is_placeholder(s)] == []
 
 
-@pytest.mark.parametrize("name", ["api", "worker", "dispatcher"])
+@pytest.mark.parametrize("name", ["api", "worker", "worker-critical", "dispatcher"])
 def test_service_units(name: str) -> None:
     service = parse_unit(UNITS / f"cybersec-{name}.service")["Service"]
 
@@ -140,8 +144,9 @@ def test_service_units(name: str) -> None:
         assert one(key) == value, key
 
 
-def test_worker_heartbeat_is_writable() -> None:
-    service = parse_unit(UNITS / "cybersec-worker.service")["Service"]
+@pytest.mark.parametrize("name", ["worker", "worker-critical"])
+def test_worker_heartbeat_is_writable(name: str) -> None:
+    service = parse_unit(UNITS / f"cybersec-{name}.service")["Service"]
     [runtime_directory] = service["RuntimeDirectory"]
     [heartbeat] = [
         value.partition("=")[2]
@@ -187,7 +192,11 @@ def test_supervisor_programs() -> None:
     parser = configparser.RawConfigParser(strict=True)
     parser.read(DEPLOY / "supervisor" / "cybersec.conf")
     programs = [name for name in parser.sections() if name.startswith("program:")]
-    assert programs == ["program:cybersec-api", "program:cybersec-worker"]
+    assert programs == [
+        "program:cybersec-api",
+        "program:cybersec-worker",
+        "program:cybersec-worker-critical",
+    ]
     group = parser["group:cybersec"]["programs"].split(",")
     assert group == [name.removeprefix("program:") for name in programs]
     for name, module in SERVICES.items():
@@ -201,7 +210,8 @@ def test_supervisor_programs() -> None:
         assert program.getboolean("killasgroup") is True
     assert parser["program:cybersec-api"].getboolean("stopasgroup") is True
     # TERM to the whole group would kill Celery's pool processes under their running scans.
-    assert parser["program:cybersec-worker"].getboolean("stopasgroup") is False
+    for worker in ("cybersec-worker", "cybersec-worker-critical"):
+        assert parser[f"program:{worker}"].getboolean("stopasgroup") is False
 
 
 def test_image_runs_unprivileged_without_build_tools() -> None:

@@ -50,6 +50,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s.scans" .Values.config.queuePrefix }}
 {{- end }}
 
+{{- define "cybersec.criticalQueue" -}}
+{{- printf "%s.scans.critical" .Values.config.queuePrefix }}
+{{- end }}
+
 {{/* Inside the /tmp emptyDir: the root filesystem is read-only. */}}
 {{- define "cybersec.heartbeatFile" -}}
 /tmp/cybersec-worker.heartbeat
