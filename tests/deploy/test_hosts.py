@@ -196,10 +196,11 @@ def test_supervisor_programs() -> None:
         "program:cybersec-api",
         "program:cybersec-worker",
         "program:cybersec-worker-critical",
+        "program:cybersec-dispatcher",
     ]
     group = parser["group:cybersec"]["programs"].split(",")
     assert group == [name.removeprefix("program:") for name in programs]
-    for name, module in SERVICES.items():
+    for name, module in {**SERVICES, "dispatcher": "api_service.dispatcher"}.items():
         program = parser[f"program:cybersec-{name}"]
         assert program["user"] == "cybersec"
         command = program["command"]
