@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import redis
 
@@ -40,12 +40,15 @@ from worker_service.lifecycle import (
     retry_budget,
     run_watched,
 )
+from worker_service.probe.discovery import HostState
 from worker_service.probe.identify import ServiceInfo, identify, registered_name
 from worker_service.probe.runner import (
     HostsResult,
     ProbeLimits,
     ScanProgressEvent,
     by_address,
+    discover_hosts,
+    discovery_wanted,
     hosts_results,
     probe_limits,
     scan_hosts,
@@ -92,6 +95,53 @@ def plan_shards(
         return [(addresses[i::count], ports) for i in range(count)]
     ordered = [port for _, tier in order_by_tier(ports) for port in tier]
     return [(addresses, sorted(ordered[i::count])) for i in range(count)]
+
+
+def discover_first(
+    addresses: list[str], ports: list[int], config: ScanConfig, settings: Settings
+) -> bool:
+    """Whether the delivery runs host discovery itself before planning: only when the whole
+    target would be split and discovery is on. Shards of a /24 where three hosts are up would
+    each wait out discovery of their share of the dead ones; planned over the live hosts, the
+    scan is often small enough to need no split at all."""
+    if plan_shards(addresses, ports, settings.shard_min_ports, settings.max_shards) is None:
+        return False
+    return len(addresses) > 1 and discovery_wanted(config, addresses)
+
+
+def plan_live(
+    addresses: list[str],
+    ports: list[int],
+    states: Mapping[str, HostState],
+    min_probes: int,
+    max_shards: int,
+) -> list[Shard] | None:
+    """``plan_shards`` over the addresses discovery found up: the work that is really there."""
+    live = [address for address in addresses if states[address].up]
+    return plan_shards(live, ports, min_probes, max_shards)
+
+
+def discovery_record(addresses: list[str], states: Mapping[str, HostState]) -> list[dict[str, Any]]:
+    """Discovery's answer as the scan row keeps it for its shards and merge."""
+    return [
+        {
+            "address": address,
+            "up": states[address].up,
+            "reason": states[address].reason,
+            "seed": list(seed) if (seed := states[address].seed) is not None else None,
+        }
+        for address in addresses
+    ]
+
+
+def known_states(record: list[dict[str, Any]]) -> dict[str, HostState]:
+    """The states ``discovery_record`` kept, to probe without discovering again."""
+    return {
+        host["address"]: HostState(
+            host["up"], host["reason"], tuple(host["seed"]) if host["seed"] else None
+        )
+        for host in record
+    }
 
 
 async def identify_services(
@@ -157,9 +207,10 @@ async def probe(
     progress: HostProgress,
     *,
     limits: ProbeLimits,
+    known: Mapping[str, HostState] | None = None,
 ) -> HostsResult:
-    """The one call into the engine: discovery, then every live host's ports interleaved
-    (``worker_service.probe.runner.scan_hosts``)."""
+    """The one call into the engine: discovery (unless ``known`` is its answer already), then
+    every live host's ports interleaved (``worker_service.probe.runner.scan_hosts``)."""
 
     def report(event: ScanProgressEvent) -> None:
         # Runs inline for short scans, where no loop logs its errors: a progress write that
@@ -172,7 +223,7 @@ async def probe(
         except Exception:
             log.exception("progress not reported")
 
-    found = await scan_hosts(addresses, ports, config, report, limits=limits)
+    found = await scan_hosts(addresses, ports, config, report, limits=limits, known=known)
     progress.finish_host(found.scanned)
     return found
 
@@ -216,7 +267,8 @@ async def deliver_scan(
         events.hold_slot(row.api_key_id, reap)
     if row.shards_total is not None:  # redelivered after its shards were recorded
         addresses = list(row.addresses)
-        return await _shard(store, delivery, job, addresses, [], settings, row.shards_total), row
+        shards = row.shards_total
+        return await _shard(store, delivery, job, addresses, [], settings, shards=shards), row
     target = parse_target(job.target, max_hosts=settings.max_hosts)
     try:
         # A schedule's own exclusions ride in the payload: deny entries on top of the policy.
@@ -227,12 +279,22 @@ async def deliver_scan(
     if target.kind == "hostname":
         addresses = addresses[:1]
     ports = parse_port_spec(job.ports)
-    plan = plan_shards(addresses, ports, settings.shard_min_ports, settings.max_shards)
-    if plan is not None:
-        return await _shard(store, delivery, job, addresses, plan, settings), row
-    scan = ScanJob(job, addresses, events, update_state, probe_limits(settings))
+    limits = probe_limits(settings)
+    known: dict[str, HostState] | None = None
     try:
         async with asyncio.timeout(delivery.work_deadline.remaining):
+            if discover_first(addresses, ports, job.config, settings):
+                known = await discover_hosts(addresses, job.config, limits=limits)
+                plan = plan_live(
+                    addresses, ports, known, settings.shard_min_ports, settings.max_shards
+                )
+            else:
+                plan = plan_shards(addresses, ports, settings.shard_min_ports, settings.max_shards)
+            if plan is not None:
+                discovery = discovery_record(addresses, known) if known is not None else None
+                sharded = await _shard(store, delivery, job, addresses, plan, settings, discovery)
+                return sharded, row
+            scan = ScanJob(job, addresses, events, update_state, limits, known)
             return await scan.run(lambda: store.should_stop(job.scan_id)), row
     except TimeoutError:
         return Failed(f"time limit exceeded ({delivery.soft:g} s)"), row
@@ -245,6 +307,7 @@ async def _shard(
     addresses: list[str],
     plan: list[Shard],
     settings: Settings,
+    discovery: list[dict[str, Any]] | None = None,
     shards: int | None = None,
 ) -> Outcome:
     """Record the shards (a redelivery finds them recorded) and hand those with no outcome yet
@@ -255,13 +318,19 @@ async def _shard(
     try:
         pending = await retry(
             lambda: store.start_shards(
-                job.scan_id, addresses, specs, sharded_reap_seconds(job, plan, settings)
+                job.scan_id,
+                addresses,
+                specs,
+                sharded_reap_seconds(job, plan, settings),
+                discovery,
             ),
             deadline,
         )
     except TRANSIENT_ERRORS as exc:
         return RetryLater(f"database unavailable while sharding: {exc!r}")
-    probes = len(addresses) * len(parse_port_spec(job.ports))
+    probes = sum(len(a) * len(p) for a, p in plan) or len(addresses) * len(
+        parse_port_spec(job.ports)
+    )
     return Sharded(shards or len(plan), probes, tuple(pending))
 
 
@@ -309,10 +378,12 @@ class ScanJob:
         events: EventLog,
         update_state: Callable[[ScanProgress], None],
         limits: ProbeLimits,
+        known: Mapping[str, HostState] | None = None,
     ) -> None:
         self.job = job
         self.addresses = addresses
         self.limits = limits
+        self.known = known
         self.ports = parse_port_spec(job.ports)
         self.reporter = ProgressReporter(events, update_state, len(self.ports) * len(addresses))
         self.started = datetime.now(UTC)
@@ -332,7 +403,12 @@ class ScanJob:
     async def _scan(self) -> None:
         progress = LiveTotal(self.reporter)
         found = await probe(
-            self.addresses, self.ports, self.job.config, progress, limits=self.limits
+            self.addresses,
+            self.ports,
+            self.job.config,
+            progress,
+            limits=self.limits,
+            known=self.known,
         )
         self.found = found
         services = await self._identify_hosts(
