@@ -47,7 +47,6 @@ def lab_api(settings: Settings, run_dir: Path, database: str, net: Lab) -> Itera
     ) as stack:
         net.assert_no_default_route()
         yield base_url(stack)
-    print("DBG", (run_dir / "worker-lab.log").read_text()[-3000:], flush=True)
 
 
 def test_a_network_scan_through_the_service(lab_api: str, api_key: str) -> None:
