@@ -16,8 +16,9 @@ import pytest
 
 from shared.settings import Settings
 from shared.store import ScanStore
-from tests.conftest import auth, base_url, own_stack, wait_final
-from tests.support.lab import BLOCK, Lab, LabSpec, lab
+from tests.conftest import auth, wait_final
+from tests.support.lab import BLOCK, LabSpec
+from tests.support.lab_service import lab_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
@@ -31,28 +32,12 @@ LIVE = {*SPEC.up, *SPEC.tarpits}
 
 
 @pytest.fixture(scope="module")
-def net() -> Iterator[Lab]:
-    with lab(SPEC) as running:
-        running.bridge()
-        yield running
-
-
-@pytest.fixture(scope="module")
-def sharding_lab_api(settings: Settings, run_dir: Path, database: str, net: Lab) -> Iterator[str]:
+def sharding_lab_api(settings: Settings, run_dir: Path, database: str) -> Iterator[str]:
     # 100 probes a shard: the /24's 25,400 would make 8 shards, its live hosts' 400 make 4.
-    with own_stack(
-        settings,
-        run_dir,
-        "labshards",
-        workers=1,
-        wrap_worker=net.wrap(),
-        target_allow=(BLOCK,),
-        shutdown_timeout=2,
-        shard_min_ports=100,
-        max_shards=8,
-    ) as stack:
-        net.assert_no_default_route()
-        yield base_url(stack)
+    with lab_service(
+        SPEC, settings, run_dir, "labshards", shard_min_ports=100, max_shards=8
+    ) as url:
+        yield url
 
 
 def scan(url: str, key: str) -> dict[str, Any]:
