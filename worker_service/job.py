@@ -278,26 +278,47 @@ async def deliver_scan(
         return Failed(str(exc)), row
     if target.kind == "hostname":
         addresses = addresses[:1]
-    ports = parse_port_spec(job.ports)
-    limits = probe_limits(settings)
-    known: dict[str, HostState] | None = None
     try:
         async with asyncio.timeout(delivery.work_deadline.remaining):
-            if discover_first(addresses, ports, job.config, settings):
-                known = await discover_hosts(addresses, job.config, limits=limits)
-                plan = plan_live(
-                    addresses, ports, known, settings.shard_min_ports, settings.max_shards
-                )
-            else:
-                plan = plan_shards(addresses, ports, settings.shard_min_ports, settings.max_shards)
-            if plan is not None:
-                discovery = discovery_record(addresses, known) if known is not None else None
-                sharded = await _shard(store, delivery, job, addresses, plan, settings, discovery)
-                return sharded, row
-            scan = ScanJob(job, addresses, events, update_state, limits, known)
-            return await scan.run(lambda: store.should_stop(job.scan_id)), row
+            scan = _plan_and_scan(store, delivery, job, settings, addresses, events, update_state)
+            return await scan, row
     except TimeoutError:
         return Failed(f"time limit exceeded ({delivery.soft:g} s)"), row
+
+
+async def _plan_and_scan(
+    store: ScanStore,
+    delivery: Delivery,
+    job: ScanTaskPayload,
+    settings: Settings,
+    addresses: list[str],
+    events: EventLog,
+    update_state: Callable[[ScanProgress], None],
+) -> Outcome:
+    """Shard the scan or run it here, planned over the live hosts when it would be split."""
+    ports = parse_port_spec(job.ports)
+    limits = probe_limits(settings)
+
+    def should_stop() -> Awaitable[bool]:
+        return store.should_stop(job.scan_id)
+
+    known: dict[str, HostState] | None = None
+    if discover_first(addresses, ports, job.config, settings):
+        known = {}
+
+        async def discovery() -> None:
+            known.update(await discover_hosts(addresses, job.config, limits=limits))
+
+        if await run_watched(discovery(), should_stop, f"discovery of {job.scan_id}"):
+            return Cancelled(not_started(job))
+        plan = plan_live(addresses, ports, known, settings.shard_min_ports, settings.max_shards)
+    else:
+        plan = plan_shards(addresses, ports, settings.shard_min_ports, settings.max_shards)
+    if plan is not None:
+        discovery_found = discovery_record(addresses, known) if known is not None else None
+        return await _shard(store, delivery, job, addresses, plan, settings, discovery_found)
+    scan = ScanJob(job, addresses, events, update_state, limits, known)
+    return await scan.run(should_stop)
 
 
 async def _shard(

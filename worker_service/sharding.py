@@ -342,7 +342,8 @@ class Merge:
             services = self.services.get(address, {})
             open_ports += [port_result(address, p, r, services.get(p)) for p, r in found]
         scanned = sum(s.scanned for s in self.shards)
-        total = len(parse_port_spec(self.job.ports)) * len(self.addresses)
+        swept = [h for h in self.hosts if h.state == "up"] if self.hosts else self.addresses
+        total = len(parse_port_spec(self.job.ports)) * len(swept)
         finished = datetime.now(UTC)
         cancelled = status == "revoked"
         return ScanResult(
