@@ -7,6 +7,10 @@ transaction) has the merge published. The merge builds the one result and ends t
 ``lifecycle.finish``. A shard that fails, runs past its limit or is dead-lettered fails the scan
 at once; one whose worker is killed at its hard limit leaves the scan to the reaper. Shards
 write their progress into a Redis hash (progress only: losing Redis loses no scan).
+
+A network scan is split after its host discovery (``job.discover_first``): its shards hold
+only live hosts and take discovery's answer from the scan row instead of pinging again, and
+the merge lists every address, the down ones as discovery found them.
 """
 
 from __future__ import annotations
