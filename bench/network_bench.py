@@ -122,6 +122,8 @@ class Service:
         self.stack = stack
         self.net = net
         self.one_task = one_task
+        self.shards: set[int] = set()
+        """Shards per scan seen in this scenario's results (1: the scan ran as one task)."""
 
     async def start(self) -> None:
         stack = self.stack
@@ -166,11 +168,13 @@ class Service:
         if status["state"] != "SUCCESS":
             raise RuntimeError(f"scan ended {status['state']}: {status.get('error')}")
         result = status["result"]
+        self.shards.add(int(result["shards"]))
         found = {(p["address"], p["port"]) for p in result["open_ports"]}
         return wall, int(result["retransmissions"]), found
 
 
 Scanner = Callable[[Lab, Scenario, Deadline], tuple[float, int, set[Pair]]]
+SERVICE = "service (submit→SUCCESS)"
 
 
 def measure(
@@ -244,12 +248,17 @@ def main(argv: list[str] | None = None) -> int:
                         "nmap -sT -T4": run_nmap,
                         "engine (command)": run_engine,
                     }
+                    service = None
                     if not args.no_service:
                         net.bridge()
                         service = Service(stack, net, one_task=args.one_task)
                         asyncio.run(service.start())
-                        scanners["service (submit→SUCCESS)"] = service
+                        scanners[SERVICE] = service
                     results = measure(net, scenario, scanners, args.nmap_runs, deadline)
+                    if service is not None:
+                        shards = "/".join(str(n) for n in sorted(service.shards))
+                        label = f"service (submit→SUCCESS, {shards} shard(s))"
+                        results[label] = results.pop(SERVICE)
                 finally:
                     problems = stack.teardown()
                     if problems:
