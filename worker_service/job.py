@@ -18,7 +18,7 @@ import redis
 
 from shared.errors import PermanentError
 from shared.policy import TargetPolicy
-from shared.ports import format_port_spec, order_by_tier, parse_port_spec
+from shared.ports import format_port_spec, parse_port_spec
 from shared.protocol import HARD_LIMIT_MARGIN, MAX_DELIVERIES, time_limits
 from shared.resolve import resolve_target
 from shared.retry import TRANSIENT_ERRORS, retry
@@ -40,6 +40,13 @@ from worker_service.lifecycle import (
     retry_budget,
     run_watched,
 )
+from worker_service.plan import (
+    Shard,
+    discover_first,
+    discovery_record,
+    plan_live,
+    plan_shards,
+)
 from worker_service.probe.discovery import HostState
 from worker_service.probe.identify import ServiceInfo, identify, registered_name
 from worker_service.probe.runner import (
@@ -48,7 +55,6 @@ from worker_service.probe.runner import (
     ScanProgressEvent,
     by_address,
     discover_hosts,
-    discovery_wanted,
     hosts_results,
     probe_limits,
     scan_hosts,
@@ -73,75 +79,6 @@ class Runtime(Protocol):
     async def store(self) -> ScanStore: ...
 
     def redis(self) -> redis.Redis: ...
-
-
-Shard = tuple[list[str], list[int]]
-"""The addresses and ports one shard probes (every port at every address)."""
-
-
-def plan_shards(
-    addresses: list[str], ports: list[int], min_probes: int, max_shards: int
-) -> list[Shard] | None:
-    """Split a scan into shards of at least ``min_probes`` probes, or None to run it whole.
-
-    Many addresses are split by address. Otherwise ports are dealt round-robin in tier order,
-    so every shard starts with its share of the critical ports and tiers still come first.
-    """
-    probes = len(addresses) * len(ports)
-    count = min(max_shards, probes // min_probes)
-    if count < 2:
-        return None
-    if len(addresses) >= count:
-        return [(addresses[i::count], ports) for i in range(count)]
-    ordered = [port for _, tier in order_by_tier(ports) for port in tier]
-    return [(addresses, sorted(ordered[i::count])) for i in range(count)]
-
-
-def discover_first(
-    addresses: list[str], ports: list[int], config: ScanConfig, settings: Settings
-) -> bool:
-    """Whether the delivery runs host discovery itself before planning: only when the whole
-    target would be split and discovery is on. Shards of a /24 where three hosts are up would
-    each wait out discovery of their share of the dead ones; planned over the live hosts, the
-    scan is often small enough to need no split at all."""
-    if plan_shards(addresses, ports, settings.shard_min_ports, settings.max_shards) is None:
-        return False
-    return len(addresses) > 1 and discovery_wanted(config, addresses)
-
-
-def plan_live(
-    addresses: list[str],
-    ports: list[int],
-    states: Mapping[str, HostState],
-    min_probes: int,
-    max_shards: int,
-) -> list[Shard] | None:
-    """``plan_shards`` over the addresses discovery found up: the work that is really there."""
-    live = [address for address in addresses if states[address].up]
-    return plan_shards(live, ports, min_probes, max_shards)
-
-
-def discovery_record(addresses: list[str], states: Mapping[str, HostState]) -> list[dict[str, Any]]:
-    """Discovery's answer as the scan row keeps it for its shards and merge."""
-    return [
-        {
-            "address": address,
-            "up": states[address].up,
-            "reason": states[address].reason,
-            "seed": list(seed) if (seed := states[address].seed) is not None else None,
-        }
-        for address in addresses
-    ]
-
-
-def known_states(record: list[dict[str, Any]]) -> dict[str, HostState]:
-    """The states ``discovery_record`` kept, to probe without discovering again."""
-    return {
-        host["address"]: HostState(
-            host["up"], host["reason"], tuple(host["seed"]) if host["seed"] else None
-        )
-        for host in record
-    }
 
 
 async def identify_services(

@@ -37,7 +37,6 @@ from shared.targets import parse_target
 from worker_service.job import (
     Runtime,
     identify_services,
-    known_states,
     port_result,
     probe,
     sharded_reap_seconds,
@@ -54,6 +53,7 @@ from worker_service.lifecycle import (
     Skipped,
     run_watched,
 )
+from worker_service.plan import known_states
 from worker_service.probe.identify import ServiceInfo
 from worker_service.probe.runner import ScanProgressEvent, hosts_results, probe_limits
 from worker_service.reporting import PROGRESS_INTERVAL, EventLog

@@ -7,7 +7,7 @@ from uuid import uuid4
 
 from shared.schemas import ScanConfig
 from shared.store import ScanStore
-from worker_service.job import discovery_record, known_states
+from worker_service.plan import discovery_record, known_states
 from worker_service.probe.discovery import HostState
 
 ADDRESSES = ["198.18.0.5", "198.18.0.6", "198.18.0.7"]

@@ -5,7 +5,7 @@ import orjson
 from shared.ports import TIER_OF
 from shared.schemas import HostResult, ScanConfig
 from shared.settings import Settings
-from worker_service.job import (
+from worker_service.plan import (
     discover_first,
     discovery_record,
     known_states,
