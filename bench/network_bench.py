@@ -1,6 +1,8 @@
 """Our scanner against ``nmap -sT -T4`` on a lab network (tests/support/lab.py), side by side.
 
 ``python -m bench.network_bench [--runs 10] [--nmap-runs 3] [--max-seconds 1500]`` (root).
+The service runs with its default settings (a large scan splits into shards as it would in
+production); ``--one-task`` raises the split threshold so every scan is one task, to compare.
 Scenarios: (a) a /24 with three live hosts (one drops ports 1-500), ports 1-1000 plus two;
 (b) the same with 3% of inbound SYNs dropped at random; (c) one host, all 65,535 ports, with
 10000-29999 dropped. Each is scanned by nmap, by the engine as a command in the scanner
@@ -116,15 +118,17 @@ def run_engine(net: Lab, scenario: Scenario, deadline: Deadline) -> tuple[float,
 class Service:
     """The API on this host, one worker (2 processes) in the lab's scanner namespace."""
 
-    def __init__(self, stack: Stack, net: Lab, *, split: bool) -> None:
+    def __init__(self, stack: Stack, net: Lab, *, one_task: bool) -> None:
         self.stack = stack
         self.net = net
-        self.split = split
+        self.one_task = one_task
+        self.shards: set[int] = set()
+        """Shards per scan seen in this scenario's results (1: the scan ran as one task)."""
 
     async def start(self) -> None:
         stack = self.stack
         update: dict[str, object] = {"target_allow": (BLOCK,)}
-        if not self.split:
+        if self.one_task:
             update["shard_min_ports"] = 1_000_000  # one task per scan: one worker's engine
         stack.settings = stack.settings.model_copy(update=update)
         await stack.setup()
@@ -164,11 +168,13 @@ class Service:
         if status["state"] != "SUCCESS":
             raise RuntimeError(f"scan ended {status['state']}: {status.get('error')}")
         result = status["result"]
+        self.shards.add(int(result["shards"]))
         found = {(p["address"], p["port"]) for p in result["open_ports"]}
         return wall, int(result["retransmissions"]), found
 
 
 Scanner = Callable[[Lab, Scenario, Deadline], tuple[float, int, set[Pair]]]
+SERVICE = "service (submit→SUCCESS)"
 
 
 def measure(
@@ -218,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=1500.0)
     parser.add_argument("--no-service", action="store_true", help="engine and nmap only")
     parser.add_argument(
-        "--split",
+        "--one-task",
         action="store_true",
-        help="let the service split large scans into shards (CYBERSEC_SHARD_MIN_PORTS default)",
+        help="never split a scan into shards (CYBERSEC_SHARD_MIN_PORTS raised); default: as set",
     )
     parser.add_argument("--only", default="abc", help="scenarios to run, e.g. ab")
     args = parser.parse_args(argv)
@@ -242,12 +248,17 @@ def main(argv: list[str] | None = None) -> int:
                         "nmap -sT -T4": run_nmap,
                         "engine (command)": run_engine,
                     }
+                    service = None
                     if not args.no_service:
                         net.bridge()
-                        service = Service(stack, net, split=args.split)
+                        service = Service(stack, net, one_task=args.one_task)
                         asyncio.run(service.start())
-                        scanners["service (submit→SUCCESS)"] = service
+                        scanners[SERVICE] = service
                     results = measure(net, scenario, scanners, args.nmap_runs, deadline)
+                    if service is not None:
+                        shards = "/".join(str(n) for n in sorted(service.shards))
+                        label = f"service (submit→SUCCESS, {shards} shard(s))"
+                        results[label] = results.pop(SERVICE)
                 finally:
                     problems = stack.teardown()
                     if problems:

@@ -73,6 +73,8 @@ class ScanRow:
     merge_attempts: int = 0
     shards_total: int | None = None
     shards_done: int = 0
+    discovery: list[dict[str, Any]] | None = None
+    """What the host discovery before a sharded scan's split found, address by address."""
 
     @classmethod
     def from_record(cls, record: asyncpg.Record) -> ScanRow:
@@ -99,6 +101,7 @@ class ScanRow:
             merge_attempts=record["merge_attempts"],
             shards_total=record["shards_total"],
             shards_done=record["shards_done"],
+            discovery=record["discovery"],
         )
 
     @property
@@ -452,6 +455,7 @@ class ScanStore:
         addresses: Sequence[str],
         plan: Sequence[tuple[Sequence[str], str]],
         reap_seconds: float,
+        discovery: Sequence[dict[str, Any]] | None = None,
     ) -> Sequence[ShardRow]:
         """Record a scan's shards (once: a redelivery finds them); returns those with no
         outcome yet, to be published. Rows first, messages after: a crash between the two
@@ -460,12 +464,14 @@ class ScanStore:
             planned = await conn.fetchval(
                 "UPDATE scans SET addresses = COALESCE(addresses, $2),"
                 " shards_total = COALESCE(shards_total, $3),"
-                " reap_after = GREATEST(reap_after, now() + make_interval(secs => $4))"
+                " reap_after = GREATEST(reap_after, now() + make_interval(secs => $4)),"
+                " discovery = COALESCE(discovery, $5)"
                 " WHERE id = $1 AND state = 'running' RETURNING shards_total",
                 scan_id,
                 list(addresses),
                 len(plan),
                 reap_seconds,
+                discovery,
             )
             if planned is None:
                 return []

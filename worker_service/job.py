@@ -10,15 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import redis
 
 from shared.errors import PermanentError
 from shared.policy import TargetPolicy
-from shared.ports import format_port_spec, order_by_tier, parse_port_spec
+from shared.ports import format_port_spec, parse_port_spec
 from shared.protocol import HARD_LIMIT_MARGIN, MAX_DELIVERIES, time_limits
 from shared.resolve import resolve_target
 from shared.retry import TRANSIENT_ERRORS, retry
@@ -40,12 +40,21 @@ from worker_service.lifecycle import (
     retry_budget,
     run_watched,
 )
+from worker_service.plan import (
+    Shard,
+    discover_first,
+    discovery_record,
+    plan_live,
+    plan_shards,
+)
+from worker_service.probe.discovery import HostState
 from worker_service.probe.identify import ServiceInfo, identify, registered_name
 from worker_service.probe.runner import (
     HostsResult,
     ProbeLimits,
     ScanProgressEvent,
     by_address,
+    discover_hosts,
     hosts_results,
     probe_limits,
     scan_hosts,
@@ -70,28 +79,6 @@ class Runtime(Protocol):
     async def store(self) -> ScanStore: ...
 
     def redis(self) -> redis.Redis: ...
-
-
-Shard = tuple[list[str], list[int]]
-"""The addresses and ports one shard probes (every port at every address)."""
-
-
-def plan_shards(
-    addresses: list[str], ports: list[int], min_probes: int, max_shards: int
-) -> list[Shard] | None:
-    """Split a scan into shards of at least ``min_probes`` probes, or None to run it whole.
-
-    Many addresses are split by address. Otherwise ports are dealt round-robin in tier order,
-    so every shard starts with its share of the critical ports and tiers still come first.
-    """
-    probes = len(addresses) * len(ports)
-    count = min(max_shards, probes // min_probes)
-    if count < 2:
-        return None
-    if len(addresses) >= count:
-        return [(addresses[i::count], ports) for i in range(count)]
-    ordered = [port for _, tier in order_by_tier(ports) for port in tier]
-    return [(addresses, sorted(ordered[i::count])) for i in range(count)]
 
 
 async def identify_services(
@@ -157,9 +144,10 @@ async def probe(
     progress: HostProgress,
     *,
     limits: ProbeLimits,
+    known: Mapping[str, HostState] | None = None,
 ) -> HostsResult:
-    """The one call into the engine: discovery, then every live host's ports interleaved
-    (``worker_service.probe.runner.scan_hosts``)."""
+    """The one call into the engine: discovery (unless ``known`` is its answer already), then
+    every live host's ports interleaved (``worker_service.probe.runner.scan_hosts``)."""
 
     def report(event: ScanProgressEvent) -> None:
         # Runs inline for short scans, where no loop logs its errors: a progress write that
@@ -172,7 +160,7 @@ async def probe(
         except Exception:
             log.exception("progress not reported")
 
-    found = await scan_hosts(addresses, ports, config, report, limits=limits)
+    found = await scan_hosts(addresses, ports, config, report, limits=limits, known=known)
     progress.finish_host(found.scanned)
     return found
 
@@ -216,7 +204,8 @@ async def deliver_scan(
         events.hold_slot(row.api_key_id, reap)
     if row.shards_total is not None:  # redelivered after its shards were recorded
         addresses = list(row.addresses)
-        return await _shard(store, delivery, job, addresses, [], settings, row.shards_total), row
+        shards = row.shards_total
+        return await _shard(store, delivery, job, addresses, [], settings, shards=shards), row
     target = parse_target(job.target, max_hosts=settings.max_hosts)
     try:
         # A schedule's own exclusions ride in the payload: deny entries on top of the policy.
@@ -226,16 +215,47 @@ async def deliver_scan(
         return Failed(str(exc)), row
     if target.kind == "hostname":
         addresses = addresses[:1]
-    ports = parse_port_spec(job.ports)
-    plan = plan_shards(addresses, ports, settings.shard_min_ports, settings.max_shards)
-    if plan is not None:
-        return await _shard(store, delivery, job, addresses, plan, settings), row
-    scan = ScanJob(job, addresses, events, update_state, probe_limits(settings))
     try:
         async with asyncio.timeout(delivery.work_deadline.remaining):
-            return await scan.run(lambda: store.should_stop(job.scan_id)), row
+            scan = _plan_and_scan(store, delivery, job, settings, addresses, events, update_state)
+            return await scan, row
     except TimeoutError:
         return Failed(f"time limit exceeded ({delivery.soft:g} s)"), row
+
+
+async def _plan_and_scan(
+    store: ScanStore,
+    delivery: Delivery,
+    job: ScanTaskPayload,
+    settings: Settings,
+    addresses: list[str],
+    events: EventLog,
+    update_state: Callable[[ScanProgress], None],
+) -> Outcome:
+    """Shard the scan or run it here, planned over the live hosts when it would be split."""
+    ports = parse_port_spec(job.ports)
+    limits = probe_limits(settings)
+
+    def should_stop() -> Awaitable[bool]:
+        return store.should_stop(job.scan_id)
+
+    known: dict[str, HostState] | None = None
+    if discover_first(addresses, ports, job.config, settings):
+        known = {}
+
+        async def discovery() -> None:
+            known.update(await discover_hosts(addresses, job.config, limits=limits))
+
+        if await run_watched(discovery(), should_stop, f"discovery of {job.scan_id}"):
+            return Cancelled(not_started(job))
+        plan = plan_live(addresses, ports, known, settings.shard_min_ports, settings.max_shards)
+    else:
+        plan = plan_shards(addresses, ports, settings.shard_min_ports, settings.max_shards)
+    if plan is not None:
+        discovery_found = discovery_record(addresses, known) if known is not None else None
+        return await _shard(store, delivery, job, addresses, plan, settings, discovery_found)
+    scan = ScanJob(job, addresses, events, update_state, limits, known)
+    return await scan.run(should_stop)
 
 
 async def _shard(
@@ -245,6 +265,7 @@ async def _shard(
     addresses: list[str],
     plan: list[Shard],
     settings: Settings,
+    discovery: list[dict[str, Any]] | None = None,
     shards: int | None = None,
 ) -> Outcome:
     """Record the shards (a redelivery finds them recorded) and hand those with no outcome yet
@@ -255,13 +276,19 @@ async def _shard(
     try:
         pending = await retry(
             lambda: store.start_shards(
-                job.scan_id, addresses, specs, sharded_reap_seconds(job, plan, settings)
+                job.scan_id,
+                addresses,
+                specs,
+                sharded_reap_seconds(job, plan, settings),
+                discovery,
             ),
             deadline,
         )
     except TRANSIENT_ERRORS as exc:
         return RetryLater(f"database unavailable while sharding: {exc!r}")
-    probes = len(addresses) * len(parse_port_spec(job.ports))
+    probes = sum(len(a) * len(p) for a, p in plan) or len(addresses) * len(
+        parse_port_spec(job.ports)
+    )
     return Sharded(shards or len(plan), probes, tuple(pending))
 
 
@@ -309,10 +336,12 @@ class ScanJob:
         events: EventLog,
         update_state: Callable[[ScanProgress], None],
         limits: ProbeLimits,
+        known: Mapping[str, HostState] | None = None,
     ) -> None:
         self.job = job
         self.addresses = addresses
         self.limits = limits
+        self.known = known
         self.ports = parse_port_spec(job.ports)
         self.reporter = ProgressReporter(events, update_state, len(self.ports) * len(addresses))
         self.started = datetime.now(UTC)
@@ -332,7 +361,12 @@ class ScanJob:
     async def _scan(self) -> None:
         progress = LiveTotal(self.reporter)
         found = await probe(
-            self.addresses, self.ports, self.job.config, progress, limits=self.limits
+            self.addresses,
+            self.ports,
+            self.job.config,
+            progress,
+            limits=self.limits,
+            known=self.known,
         )
         self.found = found
         services = await self._identify_hosts(

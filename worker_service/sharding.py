@@ -7,6 +7,10 @@ transaction) has the merge published. The merge builds the one result and ends t
 ``lifecycle.finish``. A shard that fails, runs past its limit or is dead-lettered fails the scan
 at once; one whose worker is killed at its hard limit leaves the scan to the reaper. Shards
 write their progress into a Redis hash (progress only: losing Redis loses no scan).
+
+A network scan is split after its host discovery (``job.discover_first``): its shards hold
+only live hosts and take discovery's answer from the scan row instead of pinging again, and
+the merge lists every address, the down ones as discovery found them.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import orjson
 from pydantic import BaseModel
@@ -27,7 +31,7 @@ from shared.ports import parse_port_spec
 from shared.protocol import MAX_DELIVERIES
 from shared.redis_keys import shards_key
 from shared.retry import TRANSIENT_ERRORS, retry
-from shared.schemas import PortResult, ScanProgress, ScanResult, ScanTaskPayload
+from shared.schemas import HostResult, PortResult, ScanProgress, ScanResult, ScanTaskPayload
 from shared.store import ScanRow, ShardOutcome, ShardRow
 from shared.targets import parse_target
 from worker_service.job import (
@@ -49,8 +53,9 @@ from worker_service.lifecycle import (
     Skipped,
     run_watched,
 )
+from worker_service.plan import known_states
 from worker_service.probe.identify import ServiceInfo
-from worker_service.probe.runner import ScanProgressEvent, probe_limits
+from worker_service.probe.runner import ScanProgressEvent, hosts_results, probe_limits
 from worker_service.reporting import PROGRESS_INTERVAL, EventLog
 
 
@@ -61,6 +66,8 @@ class ShardFindings(BaseModel):
     closed: int = 0
     filtered: int = 0
     scanned: int = 0
+    hosts: list[HostResult] = []
+    """The shard's addresses as the engine reported them (probes, tarpit flags, ...)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,13 +215,25 @@ async def _sweep(
         return "failed", findings, f"shard {shard.index}: {exc}"
     store = await runtime.store()
     ports = parse_port_spec(shard.ports)
-    total = len(parse_port_spec(job.ports)) * len(row.addresses)
+    # Split after discovery: the shard probes live hosts only, and does not discover again.
+    states = known_states(row.discovery) if row.discovery is not None else None
+    live = [a for a in row.addresses if states is None or states[a].up]
+    total = len(parse_port_spec(job.ports)) * len(live)
     progress = ShardProgress(events, shard.index, total, update_parent)
 
     async def sweep() -> None:
         # The shards are the split across processes already: one probe process each.
         limits = probe_limits(runtime.settings)._replace(probe_processes=1)
-        found = await probe(list(shard.addresses), ports, job.config, progress, limits=limits)
+        addresses = list(shard.addresses)
+        found = await probe(
+            addresses,
+            ports,
+            job.config,
+            progress,
+            limits=limits,
+            known={a: states[a] for a in addresses} if states is not None else None,
+        )
+        findings.hosts = hosts_results(found)["hosts"]
         for address, outcomes in found.outcomes.items():
             findings.scanned += len(outcomes)
             for outcome in outcomes:
@@ -308,12 +327,16 @@ class Merge:
             for address, port, reason in shard.open:
                 found.setdefault(address, set()).add((port, reason))
         self.found = {address: sorted(ports) for address, ports in sorted(found.items())}
+        self.hosts = merge_hosts(self.addresses, row.discovery, shards)
         self.services: dict[str, dict[int, ServiceInfo]] = {}
 
     async def identify(self) -> None:
         if not self.job.config.service_detection:
             return
+        tarpits = {host.address for host in self.hosts if host.tarpit}
         for address, found in self.found.items():
+            if address in tarpits:
+                continue  # its open ports are listed, its services not identified
             ports = [p for p, _ in found]
             self.services[address] = await identify_services(address, ports, self.job.config)
 
@@ -323,7 +346,8 @@ class Merge:
             services = self.services.get(address, {})
             open_ports += [port_result(address, p, r, services.get(p)) for p, r in found]
         scanned = sum(s.scanned for s in self.shards)
-        total = len(parse_port_spec(self.job.ports)) * len(self.addresses)
+        swept = [h for h in self.hosts if h.state == "up"] if self.hosts else self.addresses
+        total = len(parse_port_spec(self.job.ports)) * len(swept)
         finished = datetime.now(UTC)
         cancelled = status == "revoked"
         return ScanResult(
@@ -341,4 +365,41 @@ class Merge:
             finished_at=finished,
             duration_seconds=round((finished - self.started).total_seconds(), 6),
             shards=len(self.shards),
+            hosts=self.hosts,
+            probes_sent=sum(host.probes for host in self.hosts),
+            retransmissions=sum(host.retransmissions for host in self.hosts),
         )
+
+
+def merge_hosts(
+    addresses: list[str], discovery: list[dict[str, Any]] | None, shards: list[ShardFindings]
+) -> list[HostResult]:
+    """Every address of the scan once, in its order: as its shards reported it (one host's
+    ports may be split over several shards: counts add up, a tarpit flag in any stands), or
+    as discovery found it when it was down and so in no shard."""
+    reported: dict[str, list[HostResult]] = {}
+    for shard in shards:
+        for host in shard.hosts:
+            reported.setdefault(host.address, []).append(host)
+    down = {host["address"]: host["reason"] for host in discovery or () if not host["up"]}
+    hosts: list[HostResult] = []
+    for address in addresses:
+        parts = reported.get(address)
+        if parts:
+            up = [part for part in parts if part.state == "up"]
+            first = (up or parts)[0]
+            rtts = [part.rtt_ms for part in parts if part.rtt_ms is not None]
+            hosts.append(
+                first.model_copy(
+                    update={
+                        "rtt_ms": min(rtts) if rtts else None,
+                        "probes": sum(part.probes for part in parts),
+                        "retransmissions": sum(part.retransmissions for part in parts),
+                        "unresponsive": bool(up) and all(part.unresponsive for part in up),
+                        "tarpit": any(part.tarpit for part in parts),
+                    }
+                )
+            )
+        elif address in down:
+            hosts.append(HostResult(address=address, state="down", reason=down[address]))
+    return hosts

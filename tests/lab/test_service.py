@@ -11,8 +11,9 @@ import httpx
 import pytest
 
 from shared.settings import Settings
-from tests.conftest import auth, base_url, own_stack, wait_final
-from tests.support.lab import BLOCK, Lab, LabSpec, lab
+from tests.conftest import auth, wait_final
+from tests.support.lab import LabSpec
+from tests.support.lab_service import lab_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
@@ -26,28 +27,9 @@ SPEC = LabSpec(
 
 
 @pytest.fixture(scope="module")
-def net() -> Iterator[Lab]:
-    with lab(SPEC) as running:
-        running.bridge()
-        yield running
-
-
-@pytest.fixture(scope="module")
-def lab_api(settings: Settings, run_dir: Path, database: str, net: Lab) -> Iterator[str]:
-    # A stop that lands while the worker is still acking the last scan starts Celery's soft
-    # shutdown, which then waits its whole timeout: 2 s, not 20, as nothing here tests it.
-    with own_stack(
-        settings,
-        run_dir,
-        "lab",
-        workers=1,
-        wrap_worker=net.wrap(),
-        target_allow=(BLOCK,),
-        shutdown_timeout=2,
-    ) as stack:
-        net.assert_no_default_route()
-        yield base_url(stack)
-    print("DBG", (run_dir / "worker-lab.log").read_text()[-3000:], flush=True)
+def lab_api(settings: Settings, run_dir: Path, database: str) -> Iterator[str]:
+    with lab_service(SPEC, settings, run_dir, "lab") as url:
+        yield url
 
 
 def test_a_network_scan_through_the_service(lab_api: str, api_key: str) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 from shared.ports import order_by_tier
@@ -209,6 +209,49 @@ class _Tarpits:
                 self.flagged.add(address)
 
 
+def _min_timeout(config: ProbeConfig, limits: ProbeLimits) -> float:
+    # A timeout shorter than config.timeout is only safe with a retransmission behind it.
+    return limits.min_timeout if config.retries else config.timeout
+
+
+def discover_blocking(
+    addresses: Sequence[str],
+    config: ProbeConfig,
+    *,
+    limits: ProbeLimits = ProbeLimits(),  # noqa: B008 - an immutable NamedTuple
+    stop: threading.Event | None = None,
+) -> dict[str, HostState]:
+    """Which of ``addresses`` are up (every one, ``user-set``, when discovery is off)."""
+    if not discovery_wanted(config, addresses):
+        return {address: HostState(True, "user-set") for address in addresses}
+    rate = effective_rate(config, limits)
+    return discover(
+        addresses,
+        timeout=config.timeout,
+        retries=config.retries,
+        inflight=effective_concurrency(config.max_concurrent),
+        min_timeout=_min_timeout(config, limits),
+        bucket=TokenBucket(rate, time.monotonic()) if rate else None,
+        stop=stop,
+    )
+
+
+async def discover_hosts(
+    addresses: Sequence[str],
+    config: ProbeConfig,
+    *,
+    limits: ProbeLimits = ProbeLimits(),  # noqa: B008 - an immutable NamedTuple
+) -> dict[str, HostState]:
+    """``discover_blocking`` in an executor thread; cancelling it stops the pings."""
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
+    job = functools.partial(discover_blocking, addresses, config, limits=limits, stop=stop)
+    try:
+        return await loop.run_in_executor(None, job)
+    finally:
+        stop.set()
+
+
 def scan_hosts_blocking(
     addresses: Sequence[str],
     ports: Sequence[int],
@@ -218,27 +261,18 @@ def scan_hosts_blocking(
     on_progress: ProgressCallback | None = None,
     progress_interval: float = PROGRESS_INTERVAL,
     stop: threading.Event | None = None,
+    known: Mapping[str, HostState] | None = None,
 ) -> HostsResult:
     """``scan_hosts`` without the event loop: blocks the calling thread, calls back in it."""
 
     rate = effective_rate(config, limits)
     concurrency = effective_concurrency(config.max_concurrent)
-    # A timeout shorter than config.timeout is only safe with a retransmission behind it.
-    min_timeout = limits.min_timeout if config.retries else config.timeout
-    states: dict[str, HostState]
-    if discovery_wanted(config, addresses):
-        bucket = TokenBucket(rate, time.monotonic()) if rate else None
-        states = discover(
-            addresses,
-            timeout=config.timeout,
-            retries=config.retries,
-            inflight=concurrency,
-            min_timeout=min_timeout,
-            bucket=bucket,
-            stop=stop,
-        )
-    else:
-        states = {address: HostState(True, "user-set") for address in addresses}
+    min_timeout = _min_timeout(config, limits)
+    states = (
+        dict(known)
+        if known is not None
+        else discover_blocking(addresses, config, limits=limits, stop=stop)
+    )
     live = [address for address in addresses if states[address].up]
     seeds = {a: s.seed for a, s in states.items() if s.seed is not None}
     tier_progress = None
@@ -317,8 +351,10 @@ async def scan_hosts(
     *,
     limits: ProbeLimits = ProbeLimits(),  # noqa: B008 - an immutable NamedTuple
     progress_interval: float = PROGRESS_INTERVAL,
+    known: Mapping[str, HostState] | None = None,
 ) -> HostsResult:
-    """Discover which of ``addresses`` (literal IPs) are up, then probe every port of the
+    """Discover which of ``addresses`` (literal IPs) are up (or take ``known``, discovery's
+    answer already given, for every address), then probe every port of the
     live ones, tier by tier (a tier's first probes all go out before the next tier's), the
     hosts' probes interleaved, each host's timeout adapted to its measured round trips,
     unanswered probes sent again ``config.retries`` times, paced to ``config.rate`` capped by
@@ -329,7 +365,9 @@ async def scan_hosts(
     stops the probe thread and probe processes within ~0.1 s.
     """
     if runs_inline(addresses, ports, config):
-        return scan_hosts_blocking(addresses, ports, config, limits=limits, on_progress=on_progress)
+        return scan_hosts_blocking(
+            addresses, ports, config, limits=limits, on_progress=on_progress, known=known
+        )
     loop = asyncio.get_running_loop()
     stop = threading.Event()
     forward: ProgressCallback | None = None
@@ -348,6 +386,7 @@ async def scan_hosts(
         on_progress=forward,
         progress_interval=progress_interval,
         stop=stop,
+        known=known,
     )
     try:
         return await loop.run_in_executor(None, job)

@@ -1,0 +1,82 @@
+"""How a scan is split into shards: over every address, or over the live hosts once host
+discovery has run (``job.deliver_scan`` decides which), and discovery's answer as the scan row
+keeps it for the shards and the merge."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from shared.ports import order_by_tier
+from shared.schemas import ScanConfig
+from shared.settings import Settings
+from worker_service.probe.discovery import HostState
+from worker_service.probe.runner import discovery_wanted
+
+Shard = tuple[list[str], list[int]]
+"""The addresses and ports one shard probes (every port at every address)."""
+
+
+def plan_shards(
+    addresses: list[str], ports: list[int], min_probes: int, max_shards: int
+) -> list[Shard] | None:
+    """Split a scan into shards of at least ``min_probes`` probes, or None to run it whole.
+
+    Many addresses are split by address. Otherwise ports are dealt round-robin in tier order,
+    so every shard starts with its share of the critical ports and tiers still come first.
+    """
+    probes = len(addresses) * len(ports)
+    count = min(max_shards, probes // min_probes)
+    if count < 2:
+        return None
+    if len(addresses) >= count:
+        return [(addresses[i::count], ports) for i in range(count)]
+    ordered = [port for _, tier in order_by_tier(ports) for port in tier]
+    return [(addresses, sorted(ordered[i::count])) for i in range(count)]
+
+
+def discover_first(
+    addresses: list[str], ports: list[int], config: ScanConfig, settings: Settings
+) -> bool:
+    """Whether the delivery runs host discovery itself before planning: only when the whole
+    target would be split and discovery is on. Shards of a /24 where three hosts are up would
+    each wait out discovery of their share of the dead ones; planned over the live hosts, the
+    scan is often small enough to need no split at all."""
+    if plan_shards(addresses, ports, settings.shard_min_ports, settings.max_shards) is None:
+        return False
+    return len(addresses) > 1 and discovery_wanted(config, addresses)
+
+
+def plan_live(
+    addresses: list[str],
+    ports: list[int],
+    states: Mapping[str, HostState],
+    min_probes: int,
+    max_shards: int,
+) -> list[Shard] | None:
+    """``plan_shards`` over the addresses discovery found up: the work that is really there."""
+    live = [address for address in addresses if states[address].up]
+    return plan_shards(live, ports, min_probes, max_shards)
+
+
+def discovery_record(addresses: list[str], states: Mapping[str, HostState]) -> list[dict[str, Any]]:
+    """Discovery's answer as the scan row keeps it for its shards and merge."""
+    return [
+        {
+            "address": address,
+            "up": states[address].up,
+            "reason": states[address].reason,
+            "seed": list(seed) if (seed := states[address].seed) is not None else None,
+        }
+        for address in addresses
+    ]
+
+
+def known_states(record: list[dict[str, Any]]) -> dict[str, HostState]:
+    """The states ``discovery_record`` kept, to probe without discovering again."""
+    return {
+        host["address"]: HostState(
+            host["up"], host["reason"], tuple(host["seed"]) if host["seed"] else None
+        )
+        for host in record
+    }
