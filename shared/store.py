@@ -194,6 +194,11 @@ class _NewScan(NamedTuple):
     cache_key: bytes | None
 
 
+_LOCK_SCAN = "SELECT 1 FROM scans WHERE id = $1 FOR UPDATE"
+"""Taken first by every transaction that locks a scan's row and its shards' rows: one lock
+order (scans, then scan_shards), so two such transactions never deadlock."""
+
+
 class ScanStore:
     """Queries on ``scans``. Reads for a client take its key id; a scan of another key is
     indistinguishable from a missing one. Every write is idempotent by scan id."""
@@ -457,6 +462,7 @@ class ScanStore:
         outcome yet, to be published. Rows first, messages after: a crash between the two
         leaves a redelivered scan that publishes them again."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_LOCK_SCAN, scan_id)  # the lock order: scans, then scan_shards
             planned = await conn.fetchval(
                 "UPDATE scans SET addresses = COALESCE(addresses, $2),"
                 " shards_total = COALESCE(shards_total, $3),"
@@ -485,6 +491,7 @@ class ScanStore:
     ) -> tuple[ShardRow, ScanRow] | None:
         """Count a delivery of a shard and keep its scan from being reaped meanwhile."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_LOCK_SCAN, scan_id)  # the lock order: scans, then scan_shards
             shard = await conn.fetchrow(
                 "UPDATE scan_shards SET attempts = attempts + 1"
                 " WHERE scan_id = $1 AND index = $2 RETURNING *",
@@ -517,11 +524,16 @@ class ScanStore:
         result: dict[str, Any] | None = None,
         error: str | None = None,
     ) -> bool:
-        """Store a shard's outcome; True for the one call that recorded the scan's last.
+        """Store a shard's outcome; True when the scan is still running and every shard is
+        recorded: for the one call that recorded the last, and for a repeat of a call whose
+        commit landed but whose reply was lost (its retry must still publish the merge; a
+        second merge finds the scan claimed or ended and changes nothing).
 
-        The count is kept on the scan's row, whose lock orders concurrent shards: exactly one
-        of them sees the count reach the total, in the transaction that recorded its own."""
+        The count is kept on the scan's row, locked first (the lock order everywhere: scans,
+        then scan_shards): exactly one recording call sees the count reach the total. A shard
+        recorded after the scan ended is stored but never makes it last."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_LOCK_SCAN, scan_id)
             recorded = await conn.fetchval(
                 "UPDATE scan_shards SET outcome = $3, result = $4, error = $5,"
                 " finished_at = now() WHERE scan_id = $1 AND index = $2 AND outcome IS NULL"
@@ -533,13 +545,22 @@ class ScanStore:
                 error,
             )
             if recorded is None:
-                return False  # a duplicate delivery of a shard already recorded
-            counts = await conn.fetchrow(
-                "UPDATE scans SET shards_done = shards_done + 1 WHERE id = $1"
-                " RETURNING shards_done, shards_total",
-                scan_id,
-            )
-        return counts is not None and counts["shards_done"] == counts["shards_total"]
+                # Recorded before: by a duplicate delivery, or by this very call on an attempt
+                # whose reply was lost. Either way: last if the scan still waits for its merge.
+                counts = await conn.fetchrow(
+                    "SELECT state, shards_done, shards_total FROM scans WHERE id = $1", scan_id
+                )
+            else:
+                counts = await conn.fetchrow(
+                    "UPDATE scans SET shards_done = shards_done + 1 WHERE id = $1"
+                    " RETURNING state, shards_done, shards_total",
+                    scan_id,
+                )
+        return (
+            counts is not None
+            and counts["state"] == "running"
+            and counts["shards_done"] == counts["shards_total"]
+        )
 
     async def shards(self, scan_id: UUID) -> Sequence[ShardRow]:
         records = await self.pool.fetch(

@@ -37,8 +37,9 @@ async def test_exactly_one_shard_sees_the_last_outcome_recorded(store: ScanStore
         *(store.record_shard(scan_id, i, "completed", {"scanned": 10}) for i in range(8))
     )
     assert sorted(lasts) == [False] * 7 + [True]
-    # A duplicate delivery of a recorded shard changes nothing and is not last again.
-    assert not await store.record_shard(scan_id, 3, "failed", None, "late duplicate")
+    # A repeat of a recorded shard (a duplicate delivery, or a retry whose first commit landed
+    # with its reply lost) changes nothing, and is last while the scan waits for its merge.
+    assert await store.record_shard(scan_id, 3, "failed", None, "late duplicate")
     shards = await store.shards(scan_id)
     assert {s.outcome for s in shards} == {"completed"}
     assert await store.start_shards(scan_id, ["127.0.0.1"], plan, 600) == []
@@ -80,5 +81,59 @@ async def test_reapers_running_at_once_skip_each_others_rows(
         assert free in first
         assert held not in first
         assert held in {r.scan_id for r in await reap(store.pool)}
+    finally:
+        await other.close()
+
+
+async def test_a_shard_recorded_after_the_scan_ended_is_never_last(store: ScanStore) -> None:
+    """A scan another shard failed gets no merge: its last shard does not report 'last'."""
+    scan_id = await running_scan(store, reap_in=600)
+    plan = [(["127.0.0.1"], "1-50"), (["127.0.0.1"], "51-100")]
+    await store.start_shards(scan_id, ["127.0.0.1"], plan, 600)
+    assert not await store.record_shard(scan_id, 0, "failed", None, "shard 0: boom")
+    row = await store.get(scan_id)
+    assert row is not None
+    await store.fail_by_task(row.task_id, "shard 0: boom")
+    assert not await store.record_shard(scan_id, 1, "completed", {"scanned": 50})
+    assert not await store.record_shard(scan_id, 1, "completed", {"scanned": 50})  # repeat
+
+
+async def test_shard_writes_lock_the_scan_before_its_shards(
+    store: ScanStore, database: str
+) -> None:
+    """One lock order (scans, then scan_shards) in start_shards, shard_started and
+    record_shard: while the scan row is held, neither waiting call holds a shard row."""
+    scan_id = await running_scan(store, reap_in=600)
+    plan = [(["127.0.0.1"], "1-50"), (["127.0.0.1"], "51-100")]
+    await store.start_shards(scan_id, ["127.0.0.1"], plan, 600)
+    other: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(database)
+    try:
+        for call in (
+            lambda: store.shard_started(scan_id, 0, 600),
+            lambda: store.record_shard(scan_id, 0, "completed", {"scanned": 50}),
+        ):
+            async with other.transaction():
+                await other.execute("SELECT 1 FROM scans WHERE id = $1 FOR UPDATE", scan_id)
+                async with store.pool.acquire() as probe:
+                    pid = await probe.fetchval("SELECT pg_backend_pid()")
+                    # The pool's only other connections are idle; find the waiting one.
+                    pending = asyncio.ensure_future(call())
+                    loop = asyncio.get_running_loop()
+                    deadline = loop.time() + 10
+                    waiter = None
+                    while waiter is None and loop.time() < deadline:
+                        waiter = await probe.fetchval(
+                            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                            " AND wait_event_type = 'Lock' AND pid <> $1 LIMIT 1",
+                            pid,
+                        )
+                        if waiter is None:
+                            await asyncio.sleep(0.02)
+                    assert waiter is not None, "the call never waited for the scan's lock"
+                # The shard rows are free: the waiting call locked nothing of them yet.
+                await other.execute(
+                    "SELECT 1 FROM scan_shards WHERE scan_id = $1 FOR UPDATE NOWAIT", scan_id
+                )
+            await asyncio.wait_for(pending, 10)
     finally:
         await other.close()

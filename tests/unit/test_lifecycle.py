@@ -350,3 +350,33 @@ async def test_a_shard_lost_five_times_is_dead_lettered() -> None:
     assert isinstance(outcome, Failed)
     assert outcome.dead_letter
     assert store.calls == []
+
+
+class LostReplyStore(ShardStore):
+    """Records the scan's last shard like the real store, then loses the reply once: the
+    commit landed, the caller sees ConnectionResetError and retries."""
+
+    def __init__(self, shard: ShardRow, row: ScanRow) -> None:
+        super().__init__(shard, row)
+        self.recorded: set[int] = set()
+        self.lost = False
+
+    async def record_shard(self, scan_id: UUID, index: int, *args: Any) -> bool:
+        assert self.row is not None
+        self.calls.append(("record_shard", (scan_id, index, *args)))
+        if index not in self.recorded:
+            self.recorded.add(index)
+            self.row = replace(self.row, shards_done=self.row.shards_done + 1)
+            if not self.lost:
+                self.lost = True
+                raise ConnectionResetError("reply lost after the commit")
+        return self.row.state == "running" and self.row.shards_done == self.row.shards_total
+
+
+async def test_a_last_shard_whose_commit_reply_was_lost_still_has_the_merge_published() -> None:
+    payload = job(ports="1-10")
+    row = row_of(payload, cancel_requested=True, shards_total=2, shards_done=1)
+    store = LostReplyStore(shard_of(payload, "127.0.0.1"), row)
+    outcome = await deliver_a_shard(store, payload)
+    assert outcome == Recorded(merge=True)
+    assert names(store) == ["record_shard", "record_shard"]
