@@ -71,6 +71,10 @@ class ScanRow:
     addresses: tuple[str, ...] = ()
     """A sharded scan's addresses, in order."""
     merge_attempts: int = 0
+    merge_released: int = 0
+    """Merge deliveries that ended in order (retries, requeues, a stopping worker)."""
+    merge_task: str | None = None
+    """The task id of the merge message that claimed the scan's merge."""
     shards_total: int | None = None
     shards_done: int = 0
 
@@ -97,6 +101,8 @@ class ScanRow:
             released=record["released"],
             addresses=tuple(record["addresses"] or ()),
             merge_attempts=record["merge_attempts"],
+            merge_released=record["merge_released"],
+            merge_task=record["merge_task"],
             shards_total=record["shards_total"],
             shards_done=record["shards_done"],
         )
@@ -105,6 +111,11 @@ class ScanRow:
     def lost_deliveries(self) -> int:
         """Earlier deliveries that ended with their worker gone (this one not counted)."""
         return self.attempts - 1 - self.released
+
+    @property
+    def lost_merges(self) -> int:
+        """Earlier merge deliveries that ended with their worker gone (this one not counted)."""
+        return self.merge_attempts - 1 - self.merge_released
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,16 +433,26 @@ class ScanStore:
             "UPDATE scans SET released = released + 1 WHERE task_id = $1", task_id
         )
 
-    async def complete(self, result: ScanResult) -> None:
-        await self.pool.execute(
-            "UPDATE scans SET state = 'completed', progress = 100, result = $2, error = NULL,"
-            " finished_at = $3, started_at = COALESCE(started_at, $4)"
-            " WHERE id = $1 AND state IN ('queued', 'running', 'completed')",
+    async def complete(self, result: ScanResult) -> bool:
+        """Store the result of a queued or running scan; True when this call ended the scan,
+        or an earlier attempt of it did (the row holds this very result, by its finish time:
+        a retry whose first commit landed with the reply lost). False when the scan had
+        ended otherwise (failed, revoked, completed by another delivery): the caller then
+        announces no end and counts nothing."""
+        # One statement (the hot path's last write): the SELECT sees the row as it was before
+        # the UPDATE, which is what tells a repeat of this write from another scan's end.
+        ended: bool = await self.pool.fetchval(
+            "WITH ended AS (UPDATE scans SET state = 'completed', progress = 100, result = $2,"
+            " error = NULL, finished_at = $3, started_at = COALESCE(started_at, $4)"
+            " WHERE id = $1 AND state IN ('queued', 'running') RETURNING true AS yes)"
+            " SELECT COALESCE((SELECT yes FROM ended),"
+            " (SELECT state = 'completed' AND finished_at = $3 FROM scans WHERE id = $1), false)",
             result.scan_id,
             result.model_dump(mode="json"),
             result.finished_at,
             result.started_at,
         )
+        return ended
 
     async def revoke(self, result: ScanResult) -> None:
         """Keep the partial result of a scan stopped on request."""
@@ -568,16 +589,32 @@ class ScanStore:
         )
         return [ShardRow.from_record(r) for r in records]
 
-    async def merge_started(self, scan_id: UUID, reap_seconds: float) -> ScanRow | None:
-        """Count a delivery of a scan's merge; its lost ones are ``merge_attempts - 1``."""
-        record = await self.pool.fetchrow(
-            "UPDATE scans SET merge_attempts = merge_attempts + 1,"
-            " reap_after = GREATEST(reap_after, now() + make_interval(secs => $2))"
-            " WHERE id = $1 RETURNING *",
-            scan_id,
-            reap_seconds,
+    async def merge_started(
+        self, scan_id: UUID, task_id: str, reap_seconds: float
+    ) -> tuple[ScanRow, bool] | None:
+        """Count a delivery of a scan's merge and claim the merge for this message (its
+        redeliveries and retries keep its task id); returns the row and whether the claim is
+        this message's. An unclaimed message is a duplicate: not counted, nothing changed."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            record = await conn.fetchrow(
+                "UPDATE scans SET merge_attempts = merge_attempts + 1,"
+                " merge_task = COALESCE(merge_task, $2),"
+                " reap_after = GREATEST(reap_after, now() + make_interval(secs => $3))"
+                " WHERE id = $1 AND (merge_task IS NULL OR merge_task = $2) RETURNING *",
+                scan_id,
+                task_id,
+                reap_seconds,
+            )
+            if record is not None:
+                return ScanRow.from_record(record), True
+            record = await conn.fetchrow("SELECT * FROM scans WHERE id = $1", scan_id)
+        return (ScanRow.from_record(record), False) if record is not None else None
+
+    async def release_merge(self, scan_id: UUID) -> None:
+        """Count a merge delivery that ended in order (a retry, a requeue)."""
+        await self.pool.execute(
+            "UPDATE scans SET merge_released = merge_released + 1 WHERE id = $1", scan_id
         )
-        return ScanRow.from_record(record) if record is not None else None
 
     async def delete(self, scan_id: UUID) -> None:
         await self.pool.execute("DELETE FROM scans WHERE id = $1", scan_id)

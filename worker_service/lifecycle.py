@@ -154,8 +154,14 @@ async def finish(outcome: Outcome, ending: Ending) -> Outcome:
     only when a completed result could not be stored (then the work is retried)."""
     match outcome:
         case Completed(result):
-            if not await _store_result(ending, result):
+            stored = await _store_result(ending, result)
+            if stored is None:
                 outcome = RetryLater("database unavailable while storing the result")
+            elif not stored:
+                # The scan had ended otherwise (failed, revoked, another delivery's result):
+                # its end event and metric were written then, not again here.
+                log.warning("scan %s: result not stored, it had ended", result.scan_id)
+                return outcome
             else:
                 ending.end(SUCCESS, result.model_dump(mode="json"))
         case Cancelled(partial):
@@ -176,13 +182,21 @@ async def finish(outcome: Outcome, ending: Ending) -> Outcome:
     return outcome
 
 
-async def _store_result(ending: Ending, result: ScanResult) -> bool:
-    first = asyncio.ensure_future(ending.write(lambda store: store.complete(result)))
+async def _store_result(ending: Ending, result: ScanResult) -> bool | None:
+    """Whether the result ended the scan (``ScanStore.complete``); None if never stored."""
+    ended: list[bool] = []
+
+    async def complete(store: ScanStore) -> None:
+        ended.append(await store.complete(result))
+
+    first = asyncio.ensure_future(ending.write(complete))
     # Readable from Redis at once if the first attempt does not land quickly.
     done, _ = await asyncio.wait({first}, timeout=1.0)
     if not done:
         ending.storing(result)
-    return await first
+    if not await first:
+        return None
+    return ended[-1] if ended else True
 
 
 async def watch_stop(

@@ -45,13 +45,14 @@ from worker_service.lifecycle import (
     Requeue,
     RetryLater,
     Sharded,
+    Skipped,
     Write,
     finish,
 )
 from worker_service.metrics import OUTCOME_ATTRIBUTE
 from worker_service.reporting import EventLog
 from worker_service.runtime import WorkerRuntime, get_runtime
-from worker_service.sharding import Recorded, deliver_merge, deliver_shard
+from worker_service.sharding import DuplicateMerge, Recorded, deliver_merge, deliver_shard
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,16 @@ def scan_merge(task: Task[Any, Any], payload: dict[str, Any], parent_id: str) ->
     runtime, delivery, events = _start(task, parent_id)
     job = ScanTaskPayload.model_validate(payload)
     outcome, row = _run(runtime, deliver_merge(runtime, delivery, job))
+    if isinstance(outcome, DuplicateMerge | Skipped):
+        # Another merge message runs it, or the scan ended (a shard failed it, a cancel, the
+        # reaper) and its end was announced then: nothing to write, announce or count.
+        raise Ignore()
     owner = row.api_key_id if row is not None else None
     ending = TaskEnding(runtime, task, delivery, events, owner)
+    if isinstance(outcome, RetryLater | Requeue):  # the merge's own delivery, not the scan's
+        runtime.run(ending.write(lambda store: store.release_merge(job.scan_id)))
+        ending.count(outcome)
+        return _answer(task, delivery, outcome)
     return _answer(task, delivery, runtime.run(finish(outcome, ending)))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -10,6 +11,7 @@ import asyncpg
 from shared.reaper import REAPED, reap
 from shared.schemas import ScanConfig
 from shared.store import ScanStore
+from tests.support.lifecycle import scan_result
 
 
 async def running_scan(store: ScanStore, *, reap_in: float | None = None) -> UUID:
@@ -137,3 +139,46 @@ async def test_shard_writes_lock_the_scan_before_its_shards(
             await asyncio.wait_for(pending, 10)
     finally:
         await other.close()
+
+
+async def test_complete_reports_whether_this_result_ended_the_scan(store: ScanStore) -> None:
+    """True for the write that ended it and for a repeat of that write (its reply lost);
+    False for another result after it, and for a scan that had failed: no second end."""
+    done = await running_scan(store, reap_in=600)
+    first = scan_result(done)
+    assert await store.complete(first)
+    assert await store.complete(first)  # the retry of a write whose reply was lost
+    later = first.model_copy(update={"finished_at": first.finished_at + timedelta(seconds=1)})
+    assert not await store.complete(later)
+    row = await store.get(done)
+    assert row is not None
+    assert row.finished_at == first.finished_at  # the first result stays
+
+    failed = await running_scan(store, reap_in=600)
+    row = await store.get(failed)
+    assert row is not None
+    await store.fail_by_task(row.task_id, "shard 0: boom")
+    assert not await store.complete(scan_result(failed))
+    row = await store.get(failed)
+    assert row is not None
+    assert (row.state, row.result) == ("failed", None)
+
+
+async def test_one_merge_message_claims_the_merge(store: ScanStore) -> None:
+    scan_id = await running_scan(store, reap_in=600)
+    first = await store.merge_started(scan_id, "merge-a", 600)
+    assert first is not None
+    assert first[1]
+    assert first[0].merge_task == "merge-a"
+    again = await store.merge_started(scan_id, "merge-a", 600)  # its redelivery, its retry
+    assert again is not None
+    assert again[1]
+    other = await store.merge_started(scan_id, "merge-b", 600)  # a duplicate message
+    assert other is not None
+    assert not other[1]
+    await store.release_merge(scan_id)
+    row = await store.get(scan_id)
+    assert row is not None
+    # Two deliveries of the claiming message, one of them released: none lost; the
+    # duplicate message is not counted at all.
+    assert (row.merge_attempts, row.merge_released, row.lost_merges) == (2, 1, 0)

@@ -31,7 +31,7 @@ from worker_service.lifecycle import (
     finish,
 )
 from worker_service.reporting import EventLog
-from worker_service.sharding import Recorded, deliver_shard
+from worker_service.sharding import DuplicateMerge, Recorded, deliver_merge, deliver_shard
 
 
 class FakeStore:
@@ -58,6 +58,13 @@ class FakeStore:
     async def start_shards(self, *args: Any) -> list[ShardRow]:
         self.calls.append(("start_shards", args))
         return self.pending
+
+    async def complete(self, result: ScanResult) -> bool:
+        self.calls.append(("complete", (result,)))
+        return self.ends_scan
+
+    ends_scan = True
+    """What ``complete`` answers: whether this result ended the scan."""
 
     async def should_stop(self, scan_id: UUID) -> bool:
         return False
@@ -99,6 +106,18 @@ async def test_a_completed_scan_is_stored_then_ended_with_its_result() -> None:
     assert names(ending.store) == ["complete"]
     assert ending.ended == [("SUCCESS", done.result.model_dump(mode="json"))]
     assert ending.counted == [done]
+
+
+async def test_a_result_for_a_scan_that_had_ended_is_neither_announced_nor_counted() -> None:
+    """A late merge of a scan a shard failed, or a second result: one end event, one metric."""
+    store = FakeStore()
+    store.ends_scan = False
+    ending = FakeEnding(store)
+    done = Completed(result(uuid4()))
+    assert await finish(done, ending) == done
+    assert names(store) == ["complete"]
+    assert ending.ended == []
+    assert ending.counted == []
 
 
 async def test_a_result_the_database_never_took_is_retried_not_announced() -> None:
@@ -380,3 +399,47 @@ async def test_a_last_shard_whose_commit_reply_was_lost_still_has_the_merge_publ
     outcome = await deliver_a_shard(store, payload)
     assert outcome == Recorded(merge=True)
     assert names(store) == ["record_shard", "record_shard"]
+
+
+class MergeStore(FakeStore):
+    def __init__(self, row: ScanRow, *, claimed: bool = True) -> None:
+        super().__init__(row)
+        self.claimed = claimed
+
+    async def merge_started(
+        self, scan_id: UUID, task_id: str, reap: float
+    ) -> tuple[ScanRow, bool] | None:
+        assert self.row is not None
+        self.calls.append(("merge_started", (scan_id, task_id)))
+        return self.row, self.claimed
+
+    async def shards(self, scan_id: UUID) -> list[ShardRow]:
+        return []
+
+
+async def deliver_a_merge(store: MergeStore, payload: ScanTaskPayload) -> Any:
+    delivery = Delivery("merge-task", 0, 60, 90)
+    outcome, _row = await deliver_merge(FakeRuntime(store), delivery, payload)
+    return outcome
+
+
+async def test_a_second_merge_message_finds_the_merge_claimed_and_does_nothing() -> None:
+    payload = job(ports="1-10")
+    row = row_of(payload, shards_total=0, merge_attempts=1, merge_task="first-merge")
+    store = MergeStore(row, claimed=False)
+    assert await deliver_a_merge(store, payload) == DuplicateMerge("first-merge")
+    assert names(store) == ["merge_started"]
+
+
+@pytest.mark.parametrize(
+    ("attempts", "released", "poison"), [(6, 0, True), (6, 1, False), (9, 3, True)]
+)
+async def test_the_merge_poison_guard_counts_only_its_own_lost_deliveries(
+    attempts: int, released: int, poison: bool
+) -> None:
+    """A merge retried while the database was away is not poison: its retries are released
+    on its own counter, not the scan's."""
+    payload = job(ports="1-10")
+    row = row_of(payload, shards_total=0, merge_attempts=attempts, merge_released=released)
+    outcome = await deliver_a_merge(MergeStore(row), payload)
+    assert isinstance(outcome, Failed) == poison, outcome
