@@ -110,7 +110,5 @@ def test_an_error_read_on_the_fast_path_is_the_probes_outcome(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(scheduler_module, "socket", fake_socket_module(ErrorOnce))
-    found = Scheduler(timeout=2.0, retries=0, inflight=8, min_timeout=0.1).run(
-        ["127.0.0.1"], [9]
-    )
+    found = Scheduler(timeout=2.0, retries=0, inflight=8, min_timeout=0.1).run(["127.0.0.1"], [9])
     assert found == {("127.0.0.1", 9): ("filtered", "host-unreach")}
