@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 from uuid import UUID
 
+from shared.protocol import HARD_LIMIT_MARGIN
 from shared.retry import TRANSIENT_ERRORS, Deadline
 from shared.schemas import ScanResult
 from shared.store import ScanStore, ShardRow
@@ -30,6 +31,12 @@ RETRY_CAP_SECONDS = 30.0
 """Longest countdown of one Celery retry (backoff with full jitter, capped)."""
 WRITE_MARGIN_SECONDS = 5.0
 """The last writes of a delivery end this long before its hard limit kills the process."""
+
+
+def queue_wait_seconds(max_scan_seconds: float) -> float:
+    """Longest a scan's continuation (a shard, a merge, published at the top priority) waits
+    in the queue: until one worker process ends the longest task it may be running."""
+    return max_scan_seconds + HARD_LIMIT_MARGIN
 
 
 def retry_budget(db_retry_seconds: float) -> float:

@@ -21,8 +21,8 @@ from redis.exceptions import RedisError
 from shared.ports import parse_port_spec
 from shared.protocol import (
     HARD_LIMIT_MARGIN,
+    MAX_PRIORITY,
     MERGE_TASK,
-    PRIORITIES,
     SCAN_TASK,
     SHARD_TASK,
     STORING,
@@ -233,7 +233,7 @@ def _publish_shards(
             task.app.send_task(
                 SHARD_TASK,
                 args=(payload, str(task.request.id), shard.index),
-                priority=PRIORITIES[job.priority],
+                priority=MAX_PRIORITY,  # a continuation: ahead of new scans
                 queue=settings.scan_queue,
                 time_limit=hard,
                 soft_time_limit=soft,
@@ -251,7 +251,7 @@ def _publish_merge(task: Task[Any, Any], job: ScanTaskPayload, parent_id: str) -
         task.app.send_task(
             MERGE_TASK,
             args=(job.model_dump(mode="json"), parent_id),
-            priority=PRIORITIES[job.priority],
+            priority=MAX_PRIORITY,  # a continuation: ahead of new scans
             queue=settings.scan_queue,
             time_limit=hard,
             soft_time_limit=soft,
