@@ -438,7 +438,8 @@ class ScanStore:
         or an earlier attempt of it did (the row holds this very result, by its finish time:
         a retry whose first commit landed with the reply lost). False when the scan had
         ended otherwise (failed, revoked, completed by another delivery): the caller then
-        announces no end and counts nothing."""
+        announces no end and counts nothing. A row that is gone (deleted) counts as ended
+        here: the caller announces as it always did."""
         # One statement (the hot path's last write): the SELECT sees the row as it was before
         # the UPDATE, which is what tells a repeat of this write from another scan's end.
         ended: bool = await self.pool.fetchval(
@@ -446,7 +447,7 @@ class ScanStore:
             " error = NULL, finished_at = $3, started_at = COALESCE(started_at, $4)"
             " WHERE id = $1 AND state IN ('queued', 'running') RETURNING true AS yes)"
             " SELECT COALESCE((SELECT yes FROM ended),"
-            " (SELECT state = 'completed' AND finished_at = $3 FROM scans WHERE id = $1), false)",
+            " (SELECT state = 'completed' AND finished_at = $3 FROM scans WHERE id = $1), true)",
             result.scan_id,
             result.model_dump(mode="json"),
             result.finished_at,
@@ -454,23 +455,32 @@ class ScanStore:
         )
         return ended
 
-    async def revoke(self, result: ScanResult) -> None:
-        """Keep the partial result of a scan stopped on request."""
-        await self.pool.execute(
-            "UPDATE scans SET state = 'revoked', result = $2, finished_at = $3"
-            " WHERE id = $1 AND state IN ('queued', 'running')",
+    async def revoke(self, result: ScanResult) -> bool:
+        """Keep the partial result of a scan stopped on request; True when this call (or an
+        earlier attempt of it) ended the scan, as for :meth:`complete`."""
+        ended: bool = await self.pool.fetchval(
+            "WITH ended AS (UPDATE scans SET state = 'revoked', result = $2, finished_at = $3"
+            " WHERE id = $1 AND state IN ('queued', 'running') RETURNING true AS yes)"
+            " SELECT COALESCE((SELECT yes FROM ended),"
+            " (SELECT state = 'revoked' AND finished_at = $3 FROM scans WHERE id = $1), true)",
             result.scan_id,
             result.model_dump(mode="json"),
             result.finished_at,
         )
+        return ended
 
-    async def fail_by_task(self, task_id: UUID, error: str) -> None:
-        await self.pool.execute(
-            "UPDATE scans SET state = 'failed', error = $2, finished_at = now()"
-            " WHERE task_id = $1 AND state IN ('queued', 'running')",
+    async def fail_by_task(self, task_id: UUID, error: str) -> bool:
+        """Fail a queued or running scan; True when this call (or an earlier attempt of it,
+        known by its reason) ended the scan, False when it had ended otherwise."""
+        ended: bool = await self.pool.fetchval(
+            "WITH ended AS (UPDATE scans SET state = 'failed', error = $2, finished_at = now()"
+            " WHERE task_id = $1 AND state IN ('queued', 'running') RETURNING true AS yes)"
+            " SELECT COALESCE((SELECT yes FROM ended),"
+            " (SELECT state = 'failed' AND error = $2 FROM scans WHERE task_id = $1), true)",
             task_id,
             error,
         )
+        return ended
 
     async def start_shards(
         self,

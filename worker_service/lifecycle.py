@@ -172,11 +172,13 @@ async def finish(outcome: Outcome, ending: Ending) -> Outcome:
             else:
                 ending.end(SUCCESS, result.model_dump(mode="json"))
         case Cancelled(partial):
-            await ending.write(lambda store: store.revoke(partial))
+            if not await _ends(ending, lambda store: store.revoke(partial)):
+                return outcome
             ending.end(REVOKED, partial.model_dump(mode="json"))
         case Failed(reason):
             task_id = ending.task_id
-            await ending.write(lambda store: store.fail_by_task(task_id, reason))
+            if not await _ends(ending, lambda store: store.fail_by_task(task_id, reason)):
+                return outcome
             ending.end(FAILURE, reason)
         case Skipped(state):
             ending.end(_ENDED.get(state, REVOKED), None)
@@ -187,6 +189,22 @@ async def finish(outcome: Outcome, ending: Ending) -> Outcome:
             pass
     ending.count(outcome)
     return outcome
+
+
+async def _ends(ending: Ending, call: Callable[[ScanStore], Awaitable[bool]]) -> bool:
+    """Whether this outcome is to be announced: its write ended the scan, or never landed (the
+    database away: Redis still tells clients, the reaper ends the row). False only when the
+    scan had ended otherwise (another shard failed it, a result, the reaper): its end event and
+    metric were written then."""
+    ended: list[bool] = []
+
+    async def write(store: ScanStore) -> None:
+        ended.append(await call(store))
+
+    if not await ending.write(write) or not ended or ended[-1]:
+        return True
+    log.warning("task %s: outcome not announced, the scan had ended", ending.task_id)
+    return False
 
 
 async def _store_result(ending: Ending, result: ScanResult) -> bool | None:

@@ -182,3 +182,22 @@ async def test_one_merge_message_claims_the_merge(store: ScanStore) -> None:
     # Two deliveries of the claiming message, one of them released: none lost; the
     # duplicate message is not counted at all.
     assert (row.merge_attempts, row.merge_released, row.lost_merges) == (2, 1, 0)
+
+
+async def test_fail_and_revoke_report_whether_they_ended_the_scan(store: ScanStore) -> None:
+    failed = await running_scan(store, reap_in=600)
+    row = await store.get(failed)
+    assert row is not None
+    assert await store.fail_by_task(row.task_id, "shard 0: boom")
+    assert await store.fail_by_task(row.task_id, "shard 0: boom")  # its retry, reply lost
+    assert not await store.fail_by_task(row.task_id, "shard 1: boom too")  # another shard
+    assert not await store.revoke(scan_result(failed, "revoked"))
+
+    revoked = await running_scan(store, reap_in=600)
+    partial = scan_result(revoked, "revoked")
+    assert await store.revoke(partial)
+    assert await store.revoke(partial)
+    row = await store.get(revoked)
+    assert row is not None
+    assert not await store.fail_by_task(row.task_id, "late")
+    assert row.state == "revoked"

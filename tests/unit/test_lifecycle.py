@@ -43,9 +43,10 @@ class FakeStore:
         self.calls: list[tuple[str, Any]] = []
         self.pending: list[ShardRow] = []
 
-    def __getattr__(self, name: str) -> Callable[..., Awaitable[None]]:
-        async def call(*args: Any) -> None:
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[bool]]:
+        async def call(*args: Any) -> bool:
             self.calls.append((name, args))
+            return self.ends_scan  # for the writes that end a scan: whether this one did
 
         return call
 
@@ -118,6 +119,19 @@ async def test_a_result_for_a_scan_that_had_ended_is_neither_announced_nor_count
     assert names(store) == ["complete"]
     assert ending.ended == []
     assert ending.counted == []
+
+
+async def test_a_failure_or_cancel_of_a_scan_that_had_ended_is_not_announced_again() -> None:
+    """Two shards failing the same scan, a cancel after the reaper: one end, one metric."""
+    partial = result(uuid4(), "revoked")
+    for outcome in (Failed("shard 1: boom"), Cancelled(partial)):
+        store = FakeStore()
+        store.ends_scan = False
+        ending = FakeEnding(store)
+        assert await finish(outcome, ending) == outcome
+        assert len(store.calls) == 1
+        assert ending.ended == []
+        assert ending.counted == []
 
 
 async def test_a_result_the_database_never_took_is_retried_not_announced() -> None:
