@@ -210,6 +210,13 @@ _LOCK_SCAN = "SELECT 1 FROM scans WHERE id = $1 FOR UPDATE"
 order (scans, then scan_shards), so two such transactions never deadlock."""
 
 
+_EXTEND_REAP = (
+    " reap_after = CASE WHEN $2::float8 IS NULL THEN reap_after"
+    " ELSE GREATEST(reap_after, now() + make_interval(secs => $2)) END"
+)
+"""Push ``reap_after`` to ``$2`` seconds from now (NULL: leave it)."""
+
+
 class ScanStore:
     """Queries on ``scans``. Reads for a client take its key id; a scan of another key is
     indistinguishable from a missing one. Every write is idempotent by scan id."""
@@ -426,11 +433,14 @@ class ScanStore:
         )
         return ScanRow.from_record(record) if record is not None else None
 
-    async def release(self, task_id: UUID) -> None:
+    async def release(self, task_id: UUID, reap_seconds: float | None = None) -> None:
         """Count a delivery that ended in order without finishing (a retry, a requeue), so the
-        poison guard does not count it as a lost worker."""
+        poison guard does not count it as a lost worker. With ``reap_seconds``, the reaper
+        leaves the scan that long from now: its next delivery waits in the queue first."""
         await self.pool.execute(
-            "UPDATE scans SET released = released + 1 WHERE task_id = $1", task_id
+            f"UPDATE scans SET released = released + 1,{_EXTEND_REAP} WHERE task_id = $1",  # noqa: S608
+            task_id,
+            reap_seconds,
         )
 
     async def complete(self, result: ScanResult) -> bool:
@@ -620,10 +630,14 @@ class ScanStore:
             record = await conn.fetchrow("SELECT * FROM scans WHERE id = $1", scan_id)
         return (ScanRow.from_record(record), False) if record is not None else None
 
-    async def release_merge(self, scan_id: UUID) -> None:
-        """Count a merge delivery that ended in order (a retry, a requeue)."""
+    async def release_merge(self, scan_id: UUID, reap_seconds: float | None = None) -> None:
+        """Count a merge delivery that ended in order (a retry, a requeue); ``reap_seconds``
+        as for :meth:`release`."""
         await self.pool.execute(
-            "UPDATE scans SET merge_released = merge_released + 1 WHERE id = $1", scan_id
+            f"UPDATE scans SET merge_released = merge_released + 1,{_EXTEND_REAP}"  # noqa: S608
+            " WHERE id = $1",
+            scan_id,
+            reap_seconds,
         )
 
     async def delete(self, scan_id: UUID) -> None:

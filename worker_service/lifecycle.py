@@ -140,6 +140,9 @@ class Ending(Protocol):
     """What :func:`finish` writes through: one scan's task id, store, backend and stream."""
 
     task_id: UUID
+    reap_seconds: float
+    """How long from now the reaper must leave a scan whose delivery is retried or requeued:
+    the retry's wait in the queue, then its own hard limit and retry budget."""
 
     async def write(self, call: Write) -> bool:
         """A PostgreSQL write, retried until the delivery's write deadline; False if it never
@@ -184,7 +187,8 @@ async def finish(outcome: Outcome, ending: Ending) -> Outcome:
             ending.end(_ENDED.get(state, REVOKED), None)
         case RetryLater() | Requeue():
             task_id = ending.task_id
-            await ending.write(lambda store: store.release(task_id))
+            reap = ending.reap_seconds
+            await ending.write(lambda store: store.release(task_id, reap))
         case Sharded():
             pass
     ending.count(outcome)

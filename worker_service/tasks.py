@@ -48,6 +48,7 @@ from worker_service.lifecycle import (
     Skipped,
     Write,
     finish,
+    queue_wait_seconds,
 )
 from worker_service.metrics import OUTCOME_ATTRIBUTE
 from worker_service.reporting import EventLog
@@ -108,7 +109,8 @@ def scan_merge(task: Task[Any, Any], payload: dict[str, Any], parent_id: str) ->
     owner = row.api_key_id if row is not None else None
     ending = TaskEnding(runtime, task, delivery, events, owner)
     if isinstance(outcome, RetryLater | Requeue):  # the merge's own delivery, not the scan's
-        runtime.run(ending.write(lambda store: store.release_merge(job.scan_id)))
+        reap = ending.reap_seconds
+        runtime.run(ending.write(lambda store: store.release_merge(job.scan_id, reap)))
         ending.count(outcome)
         return _answer(task, delivery, outcome)
     return _answer(task, delivery, runtime.run(finish(outcome, ending)))
@@ -142,6 +144,10 @@ class TaskEnding:
         self.events = events
         self.owner = owner
         self.deadline = delivery.write_deadline(runtime.settings.db_retry_seconds)
+        settings = runtime.settings
+        self.reap_seconds = queue_wait_seconds(settings.max_scan_seconds) + delivery.reap_seconds(
+            settings.db_retry_seconds
+        )
 
     async def write(self, call: Write) -> bool:
         try:
@@ -273,7 +279,8 @@ def _answer(task: Task[Any, Any], delivery: Delivery, outcome: Any) -> dict[str,
         countdown = backoff(delivery.retries, cap=RETRY_CAP_SECONDS)
         log.warning("task %s: %s; retrying in %.1fs", delivery.task_id, outcome.reason, countdown)
         try:
-            raise task.retry(countdown=countdown)
+            # At the top priority: started work goes ahead of new scans (see the reaper).
+            raise task.retry(countdown=countdown, priority=MAX_PRIORITY)
         except Retry:
             raise
         except Exception as exc:  # the retry was not published: the message goes back

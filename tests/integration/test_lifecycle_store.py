@@ -201,3 +201,20 @@ async def test_fail_and_revoke_report_whether_they_ended_the_scan(store: ScanSto
     assert row is not None
     assert not await store.fail_by_task(row.task_id, "late")
     assert row.state == "revoked"
+
+
+async def test_a_released_delivery_pushes_the_reap_deadline_past_its_queue_wait(
+    store: ScanStore,
+) -> None:
+    scan_id = await running_scan(store, reap_in=60)
+    row = await store.get(scan_id)
+    assert row is not None
+    deadline = await store.pool.fetchval("SELECT reap_after FROM scans WHERE id = $1", scan_id)
+    await store.release(row.task_id, 3600)
+    await store.release_merge(scan_id, 7200)
+    await store.release(row.task_id)  # no seconds: the deadline stays
+    later = await store.pool.fetchval("SELECT reap_after FROM scans WHERE id = $1", scan_id)
+    assert later - deadline > timedelta(seconds=7000)
+    row = await store.get(scan_id)
+    assert row is not None
+    assert (row.released, row.merge_released) == (2, 1)

@@ -8,15 +8,17 @@ from types import SimpleNamespace
 from typing import Any, cast
 from uuid import uuid4
 
+import pytest
 from celery import Task
+from celery.exceptions import Retry
 
 from shared.protocol import HARD_LIMIT_MARGIN, MAX_PRIORITY
 from shared.schemas import ScanConfig, ScanTaskPayload
 from shared.settings import Settings
 from shared.store import ShardRow
 from worker_service.job import merge_limits, sharded_reap_seconds
-from worker_service.lifecycle import Sharded, retry_budget
-from worker_service.tasks import _publish_merge, _publish_shards
+from worker_service.lifecycle import Delivery, RetryLater, Sharded, retry_budget
+from worker_service.tasks import _answer, _publish_merge, _publish_shards
 
 
 @dataclass
@@ -54,3 +56,16 @@ def test_a_sharded_scans_reap_deadline_allows_a_continuation_its_queue_wait() ->
     reap = sharded_reap_seconds(low_job(), [], settings)
     wait = 600 + HARD_LIMIT_MARGIN  # a worker process ending the longest task it may run
     assert reap >= merge_limits(settings)[0] + wait + retry_budget(5)
+
+
+def test_a_retry_goes_ahead_of_new_scans() -> None:
+    retried: list[dict[str, Any]] = []
+
+    def retry(**options: Any) -> Retry:
+        retried.append(options)
+        return Retry()
+
+    task = cast(Task[Any, Any], SimpleNamespace(retry=retry))
+    with pytest.raises(Retry):
+        _answer(task, Delivery("t", 0, 10, 40), RetryLater("database away"))
+    assert [options["priority"] for options in retried] == [MAX_PRIORITY]

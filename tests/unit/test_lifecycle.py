@@ -75,6 +75,7 @@ class FakeStore:
 class FakeEnding:
     store: FakeStore
     task_id: UUID = field(default_factory=uuid4)
+    reap_seconds: float = 600.0
     lands: bool = True
     ended: list[tuple[str, Any]] = field(default_factory=list)
     counted: list[Outcome] = field(default_factory=list)
@@ -172,7 +173,7 @@ async def test_retries_and_requeues_are_counted_as_orderly_not_as_lost_workers()
     for outcome in (RetryLater("db away"), Requeue("shutting down")):
         ending = FakeEnding(FakeStore())
         await finish(outcome, ending)
-        assert ending.store.calls == [("release", (ending.task_id,))]
+        assert ending.store.calls == [("release", (ending.task_id, 600.0))]
         assert ending.ended == []
 
 
