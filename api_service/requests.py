@@ -90,6 +90,16 @@ class ParsedScan:
         self.hosts = 1
         if self.target.kind == "network":
             self.hosts = len(network_hosts(ipaddress.ip_network(self.target.value)))
+        rate = scan.config.rate
+        if rate is not None and self.port_count * self.hosts / rate > settings.max_scan_seconds:
+            # Each (address, port) pair costs at least one probe: no time limit could hold it.
+            pairs = self.port_count * self.hosts
+            raise ApiError(
+                422,
+                f"{pairs} probes at rate {rate}/s take at least {pairs / rate:.0f} s; the bound"
+                f" is {settings.max_scan_seconds} s (CYBERSEC_MAX_SCAN_SECONDS)",
+                field="config.rate",
+            )
 
     def cache_key(self) -> bytes:
         """Identifies what the scan would find: target, ports and config (not priority)."""

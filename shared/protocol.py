@@ -53,12 +53,22 @@ HARD_LIMIT_MARGIN: Final = 30
 def time_limits(
     payload: ScanTaskPayload, port_count: int, host_count: int = 1, *, cap: int = 1500
 ) -> tuple[int, int]:
-    """(hard, soft) seconds for a scan: its worst case with every port filtered, plus slack
-    for identification and writes, capped so the hard limit stays under RabbitMQ's consumer
-    timeout."""
+    """(hard, soft) seconds for a scan: its worst case with every port filtered (each probe
+    sent 1 + retries times, paced to its rate), its host discovery, plus slack for
+    identification and writes, capped so the hard limit stays under RabbitMQ's consumer
+    timeout (the gateway refuses a scan whose rate alone needs more than the cap)."""
     config = payload.config
-    rounds = -(-port_count * host_count // max(config.max_concurrent, 1))
-    worst = rounds * config.timeout
+    pairs = port_count * host_count
+    sends = 1 + config.retries
+    rounds = -(-pairs // max(config.max_concurrent, 1))
+    worst = rounds * config.timeout * sends
+    if config.rate:
+        worst = max(worst, pairs * sends / config.rate)
+    if config.discovery or (config.discovery is None and host_count > 1):
+        # Echoes to every host in parallel, each sent 1 + retries times, paced to the rate.
+        worst += config.timeout * sends + (
+            3 * host_count * sends / config.rate if config.rate else 0
+        )
     soft = min(cap, int(60 + 2 * worst))
     return soft + HARD_LIMIT_MARGIN, soft
 

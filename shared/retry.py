@@ -32,7 +32,13 @@ _UNREACHABLE: tuple[type[Exception], ...] = (
     OSError,
 )
 
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (*_UNREACHABLE, TransientError)
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    *_UNREACHABLE,
+    # A deadlock victim, a serialization failure: the transaction was rolled back whole, and
+    # the same one run again may succeed.
+    asyncpg.TransactionRollbackError,
+    TransientError,
+)
 """Errors after which the same call may succeed: worth a retry (our own ``TransientError``s
 included)."""
 

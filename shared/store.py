@@ -71,6 +71,10 @@ class ScanRow:
     addresses: tuple[str, ...] = ()
     """A sharded scan's addresses, in order."""
     merge_attempts: int = 0
+    merge_released: int = 0
+    """Merge deliveries that ended in order (retries, requeues, a stopping worker)."""
+    merge_task: str | None = None
+    """The task id of the merge message that claimed the scan's merge."""
     shards_total: int | None = None
     shards_done: int = 0
     discovery: list[dict[str, Any]] | None = None
@@ -99,6 +103,8 @@ class ScanRow:
             released=record["released"],
             addresses=tuple(record["addresses"] or ()),
             merge_attempts=record["merge_attempts"],
+            merge_released=record["merge_released"],
+            merge_task=record["merge_task"],
             shards_total=record["shards_total"],
             shards_done=record["shards_done"],
             discovery=record["discovery"],
@@ -108,6 +114,11 @@ class ScanRow:
     def lost_deliveries(self) -> int:
         """Earlier deliveries that ended with their worker gone (this one not counted)."""
         return self.attempts - 1 - self.released
+
+    @property
+    def lost_merges(self) -> int:
+        """Earlier merge deliveries that ended with their worker gone (this one not counted)."""
+        return self.merge_attempts - 1 - self.merge_released
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +206,18 @@ class _NewScan(NamedTuple):
     idempotency_key: str | None
     request_hash: bytes | None
     cache_key: bytes | None
+
+
+_LOCK_SCAN = "SELECT 1 FROM scans WHERE id = $1 FOR UPDATE"
+"""Taken first by every transaction that locks a scan's row and its shards' rows: one lock
+order (scans, then scan_shards), so two such transactions never deadlock."""
+
+
+_EXTEND_REAP = (
+    " reap_after = CASE WHEN $2::float8 IS NULL THEN reap_after"
+    " ELSE GREATEST(reap_after, now() + make_interval(secs => $2)) END"
+)
+"""Push ``reap_after`` to ``$2`` seconds from now (NULL: leave it)."""
 
 
 class ScanStore:
@@ -413,41 +436,64 @@ class ScanStore:
         )
         return ScanRow.from_record(record) if record is not None else None
 
-    async def release(self, task_id: UUID) -> None:
+    async def release(self, task_id: UUID, reap_seconds: float | None = None) -> None:
         """Count a delivery that ended in order without finishing (a retry, a requeue), so the
-        poison guard does not count it as a lost worker."""
+        poison guard does not count it as a lost worker. With ``reap_seconds``, the reaper
+        leaves the scan that long from now: its next delivery waits in the queue first."""
         await self.pool.execute(
-            "UPDATE scans SET released = released + 1 WHERE task_id = $1", task_id
+            f"UPDATE scans SET released = released + 1,{_EXTEND_REAP} WHERE task_id = $1",  # noqa: S608
+            task_id,
+            reap_seconds,
         )
 
-    async def complete(self, result: ScanResult) -> None:
-        await self.pool.execute(
-            "UPDATE scans SET state = 'completed', progress = 100, result = $2, error = NULL,"
-            " finished_at = $3, started_at = COALESCE(started_at, $4)"
-            " WHERE id = $1 AND state IN ('queued', 'running', 'completed')",
+    async def complete(self, result: ScanResult) -> bool:
+        """Store the result of a queued or running scan; True when this call ended the scan,
+        or an earlier attempt of it did (the row holds this very result, by its finish time:
+        a retry whose first commit landed with the reply lost). False when the scan had
+        ended otherwise (failed, revoked, completed by another delivery): the caller then
+        announces no end and counts nothing. A row that is gone (deleted) counts as ended
+        here: the caller announces as it always did."""
+        # One statement (the hot path's last write): the SELECT sees the row as it was before
+        # the UPDATE, which is what tells a repeat of this write from another scan's end.
+        ended: bool = await self.pool.fetchval(
+            "WITH ended AS (UPDATE scans SET state = 'completed', progress = 100, result = $2,"
+            " error = NULL, finished_at = $3, started_at = COALESCE(started_at, $4)"
+            " WHERE id = $1 AND state IN ('queued', 'running') RETURNING true AS yes)"
+            " SELECT COALESCE((SELECT yes FROM ended),"
+            " (SELECT state = 'completed' AND finished_at = $3 FROM scans WHERE id = $1), true)",
             result.scan_id,
             result.model_dump(mode="json"),
             result.finished_at,
             result.started_at,
         )
+        return ended
 
-    async def revoke(self, result: ScanResult) -> None:
-        """Keep the partial result of a scan stopped on request."""
-        await self.pool.execute(
-            "UPDATE scans SET state = 'revoked', result = $2, finished_at = $3"
-            " WHERE id = $1 AND state IN ('queued', 'running')",
+    async def revoke(self, result: ScanResult) -> bool:
+        """Keep the partial result of a scan stopped on request; True when this call (or an
+        earlier attempt of it) ended the scan, as for :meth:`complete`."""
+        ended: bool = await self.pool.fetchval(
+            "WITH ended AS (UPDATE scans SET state = 'revoked', result = $2, finished_at = $3"
+            " WHERE id = $1 AND state IN ('queued', 'running') RETURNING true AS yes)"
+            " SELECT COALESCE((SELECT yes FROM ended),"
+            " (SELECT state = 'revoked' AND finished_at = $3 FROM scans WHERE id = $1), true)",
             result.scan_id,
             result.model_dump(mode="json"),
             result.finished_at,
         )
+        return ended
 
-    async def fail_by_task(self, task_id: UUID, error: str) -> None:
-        await self.pool.execute(
-            "UPDATE scans SET state = 'failed', error = $2, finished_at = now()"
-            " WHERE task_id = $1 AND state IN ('queued', 'running')",
+    async def fail_by_task(self, task_id: UUID, error: str) -> bool:
+        """Fail a queued or running scan; True when this call (or an earlier attempt of it,
+        known by its reason) ended the scan, False when it had ended otherwise."""
+        ended: bool = await self.pool.fetchval(
+            "WITH ended AS (UPDATE scans SET state = 'failed', error = $2, finished_at = now()"
+            " WHERE task_id = $1 AND state IN ('queued', 'running') RETURNING true AS yes)"
+            " SELECT COALESCE((SELECT yes FROM ended),"
+            " (SELECT state = 'failed' AND error = $2 FROM scans WHERE task_id = $1), true)",
             task_id,
             error,
         )
+        return ended
 
     async def start_shards(
         self,
@@ -461,6 +507,7 @@ class ScanStore:
         outcome yet, to be published. Rows first, messages after: a crash between the two
         leaves a redelivered scan that publishes them again."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_LOCK_SCAN, scan_id)  # the lock order: scans, then scan_shards
             planned = await conn.fetchval(
                 "UPDATE scans SET addresses = COALESCE(addresses, $2),"
                 " shards_total = COALESCE(shards_total, $3),"
@@ -491,6 +538,7 @@ class ScanStore:
     ) -> tuple[ShardRow, ScanRow] | None:
         """Count a delivery of a shard and keep its scan from being reaped meanwhile."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_LOCK_SCAN, scan_id)  # the lock order: scans, then scan_shards
             shard = await conn.fetchrow(
                 "UPDATE scan_shards SET attempts = attempts + 1"
                 " WHERE scan_id = $1 AND index = $2 RETURNING *",
@@ -523,11 +571,16 @@ class ScanStore:
         result: dict[str, Any] | None = None,
         error: str | None = None,
     ) -> bool:
-        """Store a shard's outcome; True for the one call that recorded the scan's last.
+        """Store a shard's outcome; True when the scan is still running and every shard is
+        recorded: for the one call that recorded the last, and for a repeat of a call whose
+        commit landed but whose reply was lost (its retry must still publish the merge; a
+        second merge finds the scan claimed or ended and changes nothing).
 
-        The count is kept on the scan's row, whose lock orders concurrent shards: exactly one
-        of them sees the count reach the total, in the transaction that recorded its own."""
+        The count is kept on the scan's row, locked first (the lock order everywhere: scans,
+        then scan_shards): exactly one recording call sees the count reach the total. A shard
+        recorded after the scan ended is stored but never makes it last."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_LOCK_SCAN, scan_id)
             recorded = await conn.fetchval(
                 "UPDATE scan_shards SET outcome = $3, result = $4, error = $5,"
                 " finished_at = now() WHERE scan_id = $1 AND index = $2 AND outcome IS NULL"
@@ -539,13 +592,22 @@ class ScanStore:
                 error,
             )
             if recorded is None:
-                return False  # a duplicate delivery of a shard already recorded
-            counts = await conn.fetchrow(
-                "UPDATE scans SET shards_done = shards_done + 1 WHERE id = $1"
-                " RETURNING shards_done, shards_total",
-                scan_id,
-            )
-        return counts is not None and counts["shards_done"] == counts["shards_total"]
+                # Recorded before: by a duplicate delivery, or by this very call on an attempt
+                # whose reply was lost. Either way: last if the scan still waits for its merge.
+                counts = await conn.fetchrow(
+                    "SELECT state, shards_done, shards_total FROM scans WHERE id = $1", scan_id
+                )
+            else:
+                counts = await conn.fetchrow(
+                    "UPDATE scans SET shards_done = shards_done + 1 WHERE id = $1"
+                    " RETURNING state, shards_done, shards_total",
+                    scan_id,
+                )
+        return (
+            counts is not None
+            and counts["state"] == "running"
+            and counts["shards_done"] == counts["shards_total"]
+        )
 
     async def shards(self, scan_id: UUID) -> Sequence[ShardRow]:
         records = await self.pool.fetch(
@@ -553,16 +615,36 @@ class ScanStore:
         )
         return [ShardRow.from_record(r) for r in records]
 
-    async def merge_started(self, scan_id: UUID, reap_seconds: float) -> ScanRow | None:
-        """Count a delivery of a scan's merge; its lost ones are ``merge_attempts - 1``."""
-        record = await self.pool.fetchrow(
-            "UPDATE scans SET merge_attempts = merge_attempts + 1,"
-            " reap_after = GREATEST(reap_after, now() + make_interval(secs => $2))"
-            " WHERE id = $1 RETURNING *",
+    async def merge_started(
+        self, scan_id: UUID, task_id: str, reap_seconds: float
+    ) -> tuple[ScanRow, bool] | None:
+        """Count a delivery of a scan's merge and claim the merge for this message (its
+        redeliveries and retries keep its task id); returns the row and whether the claim is
+        this message's. An unclaimed message is a duplicate: not counted, nothing changed."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            record = await conn.fetchrow(
+                "UPDATE scans SET merge_attempts = merge_attempts + 1,"
+                " merge_task = COALESCE(merge_task, $2),"
+                " reap_after = GREATEST(reap_after, now() + make_interval(secs => $3))"
+                " WHERE id = $1 AND (merge_task IS NULL OR merge_task = $2) RETURNING *",
+                scan_id,
+                task_id,
+                reap_seconds,
+            )
+            if record is not None:
+                return ScanRow.from_record(record), True
+            record = await conn.fetchrow("SELECT * FROM scans WHERE id = $1", scan_id)
+        return (ScanRow.from_record(record), False) if record is not None else None
+
+    async def release_merge(self, scan_id: UUID, reap_seconds: float | None = None) -> None:
+        """Count a merge delivery that ended in order (a retry, a requeue); ``reap_seconds``
+        as for :meth:`release`."""
+        await self.pool.execute(
+            f"UPDATE scans SET merge_released = merge_released + 1,{_EXTEND_REAP}"  # noqa: S608
+            " WHERE id = $1",
             scan_id,
             reap_seconds,
         )
-        return ScanRow.from_record(record) if record is not None else None
 
     async def delete(self, scan_id: UUID) -> None:
         await self.pool.execute("DELETE FROM scans WHERE id = $1", scan_id)

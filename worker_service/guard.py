@@ -19,6 +19,7 @@ from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 
 from shared.errors import InvalidScan
+from shared.protocol import MERGE_TASK, SHARD_TASK
 from shared.settings import Settings
 from shared.store import ScanStore, create_pool
 from worker_service.shutdown import release_running
@@ -60,12 +61,12 @@ class GuardedConsumer(Consumer):
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         log.error("invalid task message dead-lettered: %s", exc)
-        self._dead_letter(message, str(exc))
+        self._dead_letter(message, str(exc), body)
 
-    def _dead_letter(self, message: Any, reason: str) -> None:
+    def _dead_letter(self, message: Any, reason: str, body: Any = None) -> None:
         message.reject_log_error(log, self.connection_errors, requeue=False)
         headers = getattr(message, "headers", None) or {}
-        task_id = headers.get("id") if isinstance(headers, dict) else None
+        task_id = scan_task_id(headers, body)
         if task_id is None:
             return
         try:
@@ -77,6 +78,21 @@ class GuardedConsumer(Consumer):
             asyncio.run(_fail(settings.database_url, task_id, reason))
         except Exception as exc:  # in the consumer itself: nothing may escape to its loop
             log.warning("could not mark scan of task %s failed: %r", task_id, exc)
+
+
+def scan_task_id(headers: Any, body: Any) -> str | None:
+    """The task id of the scan a message belongs to: its own for a scan, the parent's (its
+    second argument) for a shard or a merge; None when that cannot be read (a shard's scan is
+    then left to the reaper rather than a stranger's task id failed)."""
+    if not isinstance(headers, dict):
+        return None
+    if headers.get("task") not in (SHARD_TASK, MERGE_TASK):
+        task_id = headers.get("id")
+        return str(task_id) if task_id is not None else None
+    args = body[0] if isinstance(body, list | tuple) and body else None
+    if isinstance(args, list | tuple) and len(args) >= 2 and isinstance(args[1], str):
+        return args[1]
+    return None
 
 
 async def _fail(dsn: str, task_id: str, reason: str) -> None:

@@ -37,6 +37,7 @@ from worker_service.lifecycle import (
     RetryLater,
     Sharded,
     Skipped,
+    queue_wait_seconds,
     retry_budget,
     run_watched,
 )
@@ -305,9 +306,11 @@ def merge_limits(settings: Settings) -> tuple[int, int]:
 
 def sharded_reap_seconds(job: ScanTaskPayload, plan: list[Shard], settings: Settings) -> float:
     """Every shard and the merge one after another (one worker process may run them all),
+    the wait of a continuation in the queue (behind the task a worker process is running),
     plus the retry budget."""
     hard = sum(shard_limits(job, shard, settings)[0] for shard in plan)
-    return hard + merge_limits(settings)[0] + retry_budget(settings.db_retry_seconds)
+    wait = queue_wait_seconds(settings.max_scan_seconds)
+    return hard + merge_limits(settings)[0] + wait + retry_budget(settings.db_retry_seconds)
 
 
 def not_started(job: ScanTaskPayload) -> ScanResult:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 from uuid import UUID
 
+from shared.protocol import HARD_LIMIT_MARGIN
 from shared.retry import TRANSIENT_ERRORS, Deadline
 from shared.schemas import ScanResult
 from shared.store import ScanStore, ShardRow
@@ -30,6 +31,12 @@ RETRY_CAP_SECONDS = 30.0
 """Longest countdown of one Celery retry (backoff with full jitter, capped)."""
 WRITE_MARGIN_SECONDS = 5.0
 """The last writes of a delivery end this long before its hard limit kills the process."""
+
+
+def queue_wait_seconds(max_scan_seconds: float) -> float:
+    """Longest a scan's continuation (a shard, a merge, published at the top priority) waits
+    in the queue: until one worker process ends the longest task it may be running."""
+    return max_scan_seconds + HARD_LIMIT_MARGIN
 
 
 def retry_budget(db_retry_seconds: float) -> float:
@@ -133,6 +140,9 @@ class Ending(Protocol):
     """What :func:`finish` writes through: one scan's task id, store, backend and stream."""
 
     task_id: UUID
+    reap_seconds: float
+    """How long from now the reaper must leave a scan whose delivery is retried or requeued:
+    the retry's wait in the queue, then its own hard limit and retry budget."""
 
     async def write(self, call: Write) -> bool:
         """A PostgreSQL write, retried until the delivery's write deadline; False if it never
@@ -154,35 +164,68 @@ async def finish(outcome: Outcome, ending: Ending) -> Outcome:
     only when a completed result could not be stored (then the work is retried)."""
     match outcome:
         case Completed(result):
-            if not await _store_result(ending, result):
+            stored = await _store_result(ending, result)
+            if stored is None:
                 outcome = RetryLater("database unavailable while storing the result")
+            elif not stored:
+                # The scan had ended otherwise (failed, revoked, another delivery's result):
+                # its end event and metric were written then, not again here.
+                log.warning("scan %s: result not stored, it had ended", result.scan_id)
+                return outcome
             else:
                 ending.end(SUCCESS, result.model_dump(mode="json"))
         case Cancelled(partial):
-            await ending.write(lambda store: store.revoke(partial))
+            if not await _ends(ending, lambda store: store.revoke(partial)):
+                return outcome
             ending.end(REVOKED, partial.model_dump(mode="json"))
         case Failed(reason):
             task_id = ending.task_id
-            await ending.write(lambda store: store.fail_by_task(task_id, reason))
+            if not await _ends(ending, lambda store: store.fail_by_task(task_id, reason)):
+                return outcome
             ending.end(FAILURE, reason)
         case Skipped(state):
             ending.end(_ENDED.get(state, REVOKED), None)
         case RetryLater() | Requeue():
             task_id = ending.task_id
-            await ending.write(lambda store: store.release(task_id))
+            reap = ending.reap_seconds
+            await ending.write(lambda store: store.release(task_id, reap))
         case Sharded():
             pass
     ending.count(outcome)
     return outcome
 
 
-async def _store_result(ending: Ending, result: ScanResult) -> bool:
-    first = asyncio.ensure_future(ending.write(lambda store: store.complete(result)))
+async def _ends(ending: Ending, call: Callable[[ScanStore], Awaitable[bool]]) -> bool:
+    """Whether this outcome is to be announced: its write ended the scan, or never landed (the
+    database away: Redis still tells clients, the reaper ends the row). False only when the
+    scan had ended otherwise (another shard failed it, a result, the reaper): its end event and
+    metric were written then."""
+    ended: list[bool] = []
+
+    async def write(store: ScanStore) -> None:
+        ended.append(await call(store))
+
+    if not await ending.write(write) or not ended or ended[-1]:
+        return True
+    log.warning("task %s: outcome not announced, the scan had ended", ending.task_id)
+    return False
+
+
+async def _store_result(ending: Ending, result: ScanResult) -> bool | None:
+    """Whether the result ended the scan (``ScanStore.complete``); None if never stored."""
+    ended: list[bool] = []
+
+    async def complete(store: ScanStore) -> None:
+        ended.append(await store.complete(result))
+
+    first = asyncio.ensure_future(ending.write(complete))
     # Readable from Redis at once if the first attempt does not land quickly.
     done, _ = await asyncio.wait({first}, timeout=1.0)
     if not done:
         ending.storing(result)
-    return await first
+    if not await first:
+        return None
+    return ended[-1] if ended else True
 
 
 async def watch_stop(

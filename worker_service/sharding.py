@@ -81,6 +81,15 @@ class Recorded:
 ShardDelivery = Recorded | Skipped | Failed | RetryLater | Requeue
 
 
+@dataclass(frozen=True, slots=True)
+class DuplicateMerge:
+    """Another merge message (``claimed_by``) runs this scan's merge: this one does nothing
+    (no write, no end event, no metric) and is acked."""
+
+    claimed_by: str
+    label: ClassVar[str] = "sharded"
+
+
 class ShardProgress:
     """One shard's share of the scan's progress, summed over all shards in Redis."""
 
@@ -270,7 +279,7 @@ def _recheck_policy(runtime: Runtime, job: ScanTaskPayload, addresses: tuple[str
 
 async def deliver_merge(
     runtime: Runtime, delivery: Delivery, job: ScanTaskPayload
-) -> tuple[Outcome, ScanRow | None]:
+) -> tuple[Outcome | DuplicateMerge, ScanRow | None]:
     """Join the shards' outcomes into the scan's one result, identifying services on its open
     ports under the merge's time limit and the cancel watch."""
     settings = runtime.settings
@@ -278,19 +287,24 @@ async def deliver_merge(
     reap = delivery.reap_seconds(settings.db_retry_seconds)
     try:
         store = await retry(runtime.store, deadline, what=f"merge of {job.scan_id}")
-        row = await retry(lambda: store.merge_started(job.scan_id, reap), deadline)
-        shards = await retry(lambda: store.shards(job.scan_id), deadline) if row else []
+        started = await retry(
+            lambda: store.merge_started(job.scan_id, delivery.task_id, reap), deadline
+        )
+        shards = await retry(lambda: store.shards(job.scan_id), deadline) if started else []
     except TRANSIENT_ERRORS as exc:
         reason = f"database unavailable before the merge: {exc!r}"
         return (RetryLater(reason) if delivery.retries < MAX_RETRIES else Requeue(reason)), None
-    if row is None:
+    if started is None:
         return Skipped("revoked"), None
+    row, claimed = started
+    if not claimed:
+        return DuplicateMerge(row.merge_task or ""), row
     if row.state == "completed" and row.result is not None:
         return Completed(row.result), row
     if row.state != "running":
         return Skipped(row.state), row
-    if row.merge_attempts - 1 >= MAX_DELIVERIES:
-        lost = row.merge_attempts - 1
+    if row.lost_merges >= MAX_DELIVERIES:
+        lost = row.lost_merges
         return Failed(
             f"the merge was delivered {lost} times without finishing (each time its worker was"
             " lost); moved to the dead-letter queue",

@@ -15,7 +15,7 @@ from uuid import UUID
 
 from celery.worker import state
 
-from shared.protocol import SCAN_TASK, SHARD_TASK
+from shared.protocol import MERGE_TASK, SCAN_TASK, SHARD_TASK
 from shared.retry import DATABASE_ERRORS
 from shared.settings import Settings
 from shared.store import ScanStore, create_pool
@@ -26,7 +26,8 @@ RELEASE_SECONDS = 3.0
 
 
 def running_deliveries() -> list[tuple[str, Any]]:
-    """(task name, task id or (scan id, shard index)) of the requests this worker runs."""
+    """(task name, task id, (scan id, shard index) or a merge's scan id) of the requests this
+    worker runs."""
     found: list[tuple[str, Any]] = []
     for request in tuple(state.active_requests):
         try:
@@ -35,6 +36,9 @@ def running_deliveries() -> list[tuple[str, Any]]:
             elif request.name == SHARD_TASK:
                 payload, _parent, index = request.args
                 found.append((SHARD_TASK, (UUID(str(payload["scan_id"])), int(index))))
+            elif request.name == MERGE_TASK:
+                payload, _parent = request.args
+                found.append((MERGE_TASK, UUID(str(payload["scan_id"]))))
         except (TypeError, ValueError, KeyError) as exc:
             log.debug("request %s not counted: %r", request.id, exc)
     return found
@@ -48,6 +52,8 @@ async def release(dsn: str, deliveries: list[tuple[str, Any]]) -> None:
             for name, key in deliveries:
                 if name == SCAN_TASK:
                     await store.release(key)
+                elif name == MERGE_TASK:
+                    await store.release_merge(key)
                 else:
                     await store.release_shard(*key)
         finally:

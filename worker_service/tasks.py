@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from shared.ports import parse_port_spec
 from shared.protocol import (
     HARD_LIMIT_MARGIN,
+    MAX_PRIORITY,
     MERGE_TASK,
     PRIORITIES,
     SCAN_TASK,
@@ -46,13 +47,15 @@ from worker_service.lifecycle import (
     Requeue,
     RetryLater,
     Sharded,
+    Skipped,
     Write,
     finish,
+    queue_wait_seconds,
 )
 from worker_service.metrics import OUTCOME_ATTRIBUTE
 from worker_service.reporting import EventLog
 from worker_service.runtime import WorkerRuntime, get_runtime
-from worker_service.sharding import Recorded, deliver_merge, deliver_shard
+from worker_service.sharding import DuplicateMerge, Recorded, deliver_merge, deliver_shard
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +104,17 @@ def scan_merge(task: Task[Any, Any], payload: dict[str, Any], parent_id: str) ->
     runtime, delivery, events = _start(task, parent_id)
     job = ScanTaskPayload.model_validate(payload)
     outcome, row = _run(runtime, deliver_merge(runtime, delivery, job))
+    if isinstance(outcome, DuplicateMerge | Skipped):
+        # Another merge message runs it, or the scan ended (a shard failed it, a cancel, the
+        # reaper) and its end was announced then: nothing to write, announce or count.
+        raise Ignore()
     owner = row.api_key_id if row is not None else None
     ending = TaskEnding(runtime, task, delivery, events, owner)
+    if isinstance(outcome, RetryLater | Requeue):  # the merge's own delivery, not the scan's
+        reap = ending.reap_seconds
+        runtime.run(ending.write(lambda store: store.release_merge(job.scan_id, reap)))
+        ending.count(outcome)
+        return _answer(task, delivery, outcome)
     return _answer(task, delivery, runtime.run(finish(outcome, ending)))
 
 
@@ -134,6 +146,10 @@ class TaskEnding:
         self.events = events
         self.owner = owner
         self.deadline = delivery.write_deadline(runtime.settings.db_retry_seconds)
+        settings = runtime.settings
+        self.reap_seconds = queue_wait_seconds(settings.max_scan_seconds) + delivery.reap_seconds(
+            settings.db_retry_seconds
+        )
 
     async def write(self, call: Write) -> bool:
         try:
@@ -225,7 +241,7 @@ def _publish_shards(
             task.app.send_task(
                 SHARD_TASK,
                 args=(payload, str(task.request.id), shard.index),
-                priority=PRIORITIES[job.priority],
+                priority=MAX_PRIORITY,  # a continuation: ahead of new scans
                 queue=queue_for(
                     PRIORITIES[job.priority], settings.scan_queue, settings.critical_queue
                 ),
@@ -245,7 +261,7 @@ def _publish_merge(task: Task[Any, Any], job: ScanTaskPayload, parent_id: str) -
         task.app.send_task(
             MERGE_TASK,
             args=(job.model_dump(mode="json"), parent_id),
-            priority=PRIORITIES[job.priority],
+            priority=MAX_PRIORITY,  # a continuation: ahead of new scans
             queue=queue_for(PRIORITIES[job.priority], settings.scan_queue, settings.critical_queue),
             time_limit=hard,
             soft_time_limit=soft,
@@ -267,7 +283,8 @@ def _answer(task: Task[Any, Any], delivery: Delivery, outcome: Any) -> dict[str,
         countdown = backoff(delivery.retries, cap=RETRY_CAP_SECONDS)
         log.warning("task %s: %s; retrying in %.1fs", delivery.task_id, outcome.reason, countdown)
         try:
-            raise task.retry(countdown=countdown)
+            # At the top priority: started work goes ahead of new scans (see the reaper).
+            raise task.retry(countdown=countdown, priority=MAX_PRIORITY)
         except Retry:
             raise
         except Exception as exc:  # the retry was not published: the message goes back

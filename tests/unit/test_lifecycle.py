@@ -31,7 +31,7 @@ from worker_service.lifecycle import (
     finish,
 )
 from worker_service.reporting import EventLog
-from worker_service.sharding import Recorded, deliver_shard
+from worker_service.sharding import DuplicateMerge, Recorded, deliver_merge, deliver_shard
 
 
 class FakeStore:
@@ -43,9 +43,10 @@ class FakeStore:
         self.calls: list[tuple[str, Any]] = []
         self.pending: list[ShardRow] = []
 
-    def __getattr__(self, name: str) -> Callable[..., Awaitable[None]]:
-        async def call(*args: Any) -> None:
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[bool]]:
+        async def call(*args: Any) -> bool:
             self.calls.append((name, args))
+            return self.ends_scan  # for the writes that end a scan: whether this one did
 
         return call
 
@@ -59,6 +60,13 @@ class FakeStore:
         self.calls.append(("start_shards", args))
         return self.pending
 
+    async def complete(self, result: ScanResult) -> bool:
+        self.calls.append(("complete", (result,)))
+        return self.ends_scan
+
+    ends_scan = True
+    """What ``complete`` answers: whether this result ended the scan."""
+
     async def should_stop(self, scan_id: UUID) -> bool:
         return False
 
@@ -67,6 +75,7 @@ class FakeStore:
 class FakeEnding:
     store: FakeStore
     task_id: UUID = field(default_factory=uuid4)
+    reap_seconds: float = 600.0
     lands: bool = True
     ended: list[tuple[str, Any]] = field(default_factory=list)
     counted: list[Outcome] = field(default_factory=list)
@@ -99,6 +108,31 @@ async def test_a_completed_scan_is_stored_then_ended_with_its_result() -> None:
     assert names(ending.store) == ["complete"]
     assert ending.ended == [("SUCCESS", done.result.model_dump(mode="json"))]
     assert ending.counted == [done]
+
+
+async def test_a_result_for_a_scan_that_had_ended_is_neither_announced_nor_counted() -> None:
+    """A late merge of a scan a shard failed, or a second result: one end event, one metric."""
+    store = FakeStore()
+    store.ends_scan = False
+    ending = FakeEnding(store)
+    done = Completed(result(uuid4()))
+    assert await finish(done, ending) == done
+    assert names(store) == ["complete"]
+    assert ending.ended == []
+    assert ending.counted == []
+
+
+async def test_a_failure_or_cancel_of_a_scan_that_had_ended_is_not_announced_again() -> None:
+    """Two shards failing the same scan, a cancel after the reaper: one end, one metric."""
+    partial = result(uuid4(), "revoked")
+    for outcome in (Failed("shard 1: boom"), Cancelled(partial)):
+        store = FakeStore()
+        store.ends_scan = False
+        ending = FakeEnding(store)
+        assert await finish(outcome, ending) == outcome
+        assert len(store.calls) == 1
+        assert ending.ended == []
+        assert ending.counted == []
 
 
 async def test_a_result_the_database_never_took_is_retried_not_announced() -> None:
@@ -139,7 +173,7 @@ async def test_retries_and_requeues_are_counted_as_orderly_not_as_lost_workers()
     for outcome in (RetryLater("db away"), Requeue("shutting down")):
         ending = FakeEnding(FakeStore())
         await finish(outcome, ending)
-        assert ending.store.calls == [("release", (ending.task_id,))]
+        assert ending.store.calls == [("release", (ending.task_id, 600.0))]
         assert ending.ended == []
 
 
@@ -350,3 +384,77 @@ async def test_a_shard_lost_five_times_is_dead_lettered() -> None:
     assert isinstance(outcome, Failed)
     assert outcome.dead_letter
     assert store.calls == []
+
+
+class LostReplyStore(ShardStore):
+    """Records the scan's last shard like the real store, then loses the reply once: the
+    commit landed, the caller sees ConnectionResetError and retries."""
+
+    def __init__(self, shard: ShardRow, row: ScanRow) -> None:
+        super().__init__(shard, row)
+        self.recorded: set[int] = set()
+        self.lost = False
+
+    async def record_shard(self, scan_id: UUID, index: int, *args: Any) -> bool:
+        assert self.row is not None
+        self.calls.append(("record_shard", (scan_id, index, *args)))
+        if index not in self.recorded:
+            self.recorded.add(index)
+            self.row = replace(self.row, shards_done=self.row.shards_done + 1)
+            if not self.lost:
+                self.lost = True
+                raise ConnectionResetError("reply lost after the commit")
+        return self.row.state == "running" and self.row.shards_done == self.row.shards_total
+
+
+async def test_a_last_shard_whose_commit_reply_was_lost_still_has_the_merge_published() -> None:
+    payload = job(ports="1-10")
+    row = row_of(payload, cancel_requested=True, shards_total=2, shards_done=1)
+    store = LostReplyStore(shard_of(payload, "127.0.0.1"), row)
+    outcome = await deliver_a_shard(store, payload)
+    assert outcome == Recorded(merge=True)
+    assert names(store) == ["record_shard", "record_shard"]
+
+
+class MergeStore(FakeStore):
+    def __init__(self, row: ScanRow, *, claimed: bool = True) -> None:
+        super().__init__(row)
+        self.claimed = claimed
+
+    async def merge_started(
+        self, scan_id: UUID, task_id: str, reap: float
+    ) -> tuple[ScanRow, bool] | None:
+        assert self.row is not None
+        self.calls.append(("merge_started", (scan_id, task_id)))
+        return self.row, self.claimed
+
+    async def shards(self, scan_id: UUID) -> list[ShardRow]:
+        return []
+
+
+async def deliver_a_merge(store: MergeStore, payload: ScanTaskPayload) -> Any:
+    delivery = Delivery("merge-task", 0, 60, 90)
+    outcome, _row = await deliver_merge(FakeRuntime(store), delivery, payload)
+    return outcome
+
+
+async def test_a_second_merge_message_finds_the_merge_claimed_and_does_nothing() -> None:
+    payload = job(ports="1-10")
+    row = row_of(payload, shards_total=0, merge_attempts=1, merge_task="first-merge")
+    store = MergeStore(row, claimed=False)
+    assert await deliver_a_merge(store, payload) == DuplicateMerge("first-merge")
+    assert names(store) == ["merge_started"]
+
+
+@pytest.mark.parametrize(
+    ("attempts", "released", "poison"), [(6, 0, True), (6, 1, False), (9, 3, True)]
+)
+async def test_the_merge_poison_guard_counts_only_its_own_lost_deliveries(
+    attempts: int, released: int, poison: bool
+) -> None:
+    """A merge retried while the database was away is not poison: its retries are released
+    on its own counter, not the scan's."""
+    payload = job(ports="1-10")
+    row = row_of(payload, shards_total=0, merge_attempts=attempts, merge_released=released)
+    outcome = await deliver_a_merge(MergeStore(row), payload)
+    assert isinstance(outcome, Failed) == poison, outcome

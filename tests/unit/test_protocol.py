@@ -101,3 +101,14 @@ def test_codec_round_trips_through_kombu() -> None:
     content_type, encoding, raw = kombu_dumps(data, serializer=codec.CODEC_NAME)
     assert content_type == codec.CONTENT_TYPE
     assert kombu_loads(raw, content_type, encoding, accept=[codec.CONTENT_TYPE]) == data
+
+
+def test_time_limits_count_retries_and_the_rate() -> None:
+    """65,535 ports at 100 probes/s need 655 s at the least: a limit under that would fail
+    every such scan; retries multiply the filtered worst case."""
+    paced = time_limits(payload(rate=100), 65535)
+    assert paced[1] >= 655
+    assert paced[0] > paced[1]
+    once = time_limits(payload(retries=0, max_concurrent=10), 1000)
+    thrice = time_limits(payload(retries=2, max_concurrent=10), 1000)
+    assert thrice[1] >= 3 * (once[1] - 60)

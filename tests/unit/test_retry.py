@@ -20,6 +20,9 @@ def test_what_is_transient() -> None:
     assert not is_transient(asyncpg.UndefinedTableError())
     assert not is_transient(ValueError())
     assert is_transient(TransientError())
+    # Rolled back whole by the server: the same transaction run again may succeed.
+    assert is_transient(asyncpg.DeadlockDetectedError())
+    assert is_transient(asyncpg.SerializationError())
     assert not is_transient(TargetDenied("no"))
 
 

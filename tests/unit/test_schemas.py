@@ -47,3 +47,15 @@ def test_the_configured_host_bound_applies_above_the_default() -> None:
 def test_concurrency_setting_cannot_exceed_what_a_request_may_ask() -> None:
     with pytest.raises(ValidationError):
         Settings(max_concurrency=30_000)
+
+
+def test_a_rate_too_low_for_the_time_bound_is_refused_naming_it() -> None:
+    request = ScanRequest.model_validate(
+        {"target": "127.0.0.1", "ports": "1-65535", "config": {"rate": 10}}
+    )
+    with pytest.raises(ApiError, match="the bound is 1500 s") as refused:
+        ParsedScan(request, Settings(max_scan_seconds=1500))
+    assert refused.value.status == 422
+    assert refused.value.field == "config.rate"
+    fast = request.model_copy(update={"config": request.config.model_copy(update={"rate": 100})})
+    assert ParsedScan(fast, Settings(max_scan_seconds=1500)).port_count == 65535

@@ -29,7 +29,7 @@ class FakeTask:
         self.publish_error = publish_error
         self.countdowns: list[float] = []
 
-    def retry(self, *, countdown: float) -> Retry:
+    def retry(self, *, countdown: float, priority: int | None = None) -> Retry:
         self.countdowns.append(countdown)
         if self.publish_error is not None:
             raise self.publish_error

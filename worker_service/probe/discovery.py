@@ -87,12 +87,23 @@ def echo_replies(sock: socket.socket, raw: bool, ident: int) -> set[str]:
             answered.add(address)
 
 
-def _pace(bucket: TokenBucket | None) -> None:
-    """Wait for the scan's rate to allow one more packet (echoes count against it too)."""
+PACE_SLICE = 0.05
+"""Longest single sleep while paced: a stop is seen within it."""
+
+
+def _pace(bucket: TokenBucket | None, stop: threading.Event | None = None) -> bool:
+    """Wait for the scan's rate to allow one more packet (echoes count against it too);
+    False, at once, when ``stop`` is set (before or while waiting)."""
+    if stop is not None and stop.is_set():
+        return False
     if bucket is None:
-        return
+        return True
     while wait := bucket.take(time.monotonic()):
-        time.sleep(wait)
+        if stop is None:
+            time.sleep(wait)
+        elif stop.wait(min(wait, PACE_SLICE)):
+            return False
+    return True
 
 
 def discover(
@@ -117,7 +128,8 @@ def discover(
             sock, _raw = pinger
             for seq in range(1 + max(0, retries)):
                 for address in v4:
-                    _pace(bucket)
+                    if not _pace(bucket, stop):
+                        break
                     # A full send buffer or an unroutable address: TCP still decides.
                     try:
                         sock.sendto(echo_request(ident, seq), (address, 0))

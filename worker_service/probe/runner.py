@@ -336,8 +336,17 @@ def _outcome(port: int, outcome: tuple[str, str]) -> PortOutcome:
     return PortOutcome(port, cast("PortState", outcome[0]), outcome[1])
 
 
-def runs_inline(addresses: Sequence[str], ports: Sequence[int], config: ProbeConfig) -> bool:
-    """Whether the scan is short enough, at worst, to run on the event loop's thread."""
+def runs_inline(
+    addresses: Sequence[str],
+    ports: Sequence[int],
+    config: ProbeConfig,
+    limits: ProbeLimits = ProbeLimits(),  # noqa: B008 - an immutable NamedTuple
+) -> bool:
+    """Whether the scan is short enough, at worst, to run on the event loop's thread: one
+    address, few ports, no pacing (a rate sleeps between probes) and no discovery (its echoes
+    and pings are a round of their own), so the loop is never held past the bound."""
+    if effective_rate(config, limits) is not None or discovery_wanted(config, addresses):
+        return False
     rounds = -(-len(ports) // max(1, min(config.max_concurrent, len(ports))))
     worst = rounds * config.timeout * (1 + config.retries)
     return len(addresses) == 1 and len(ports) <= INLINE_MAX_PORTS and worst <= INLINE_MAX_SECONDS
@@ -364,7 +373,7 @@ async def scan_hosts(
     ``progress_interval`` seconds within a tier, and once at the end. Cancelling the call
     stops the probe thread and probe processes within ~0.1 s.
     """
-    if runs_inline(addresses, ports, config):
+    if runs_inline(addresses, ports, config, limits):
         return scan_hosts_blocking(
             addresses, ports, config, limits=limits, on_progress=on_progress, known=known
         )

@@ -188,19 +188,35 @@ class Scheduler:
                     if attempt:
                         host_stats.retransmissions += 1
                     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-                    sock = socket.socket(family, sock_type)
-                    sent = monotonic()
-                    code = sock.connect_ex((address, port))
-                    if code == in_progress:
-                        # Loopback answers inside connect() itself: a refusal is already
+                    sock: socket.socket | None = None
+                    try:
+                        fresh = socket.socket(family, sock_type)
+                    except OSError as exc:  # no descriptor left: as a connect() shortage
+                        if exc.errno not in LOCAL_SHORTAGE:
+                            raise
+                        code = exc.errno
+                    else:
+                        sock = fresh
+                        sent = monotonic()
+                        code = fresh.connect_ex((address, port))
+                    if sock is not None and code == in_progress:
+                        # Loopback answers inside connect() itself: an answer is already
                         # readable, which spares the epoll round trip for the bulk of a sweep.
-                        if sock.getsockopt(sol_socket, so_error) == refused:
+                        # Reading SO_ERROR clears it, so any error read here decides at once.
+                        early = sock.getsockopt(sol_socket, so_error)
+                        if early == refused:
                             sock.close()
                             rtt = monotonic() - sent
                             timing[address].sample(rtt)
                             group.sample(rtt)
                             host_stats.answer(attempt)
                             done += 1
+                            continue
+                        if early:
+                            sock.close()
+                            host_stats.answer(attempt)
+                            done += 1
+                            notable[(address, port)] = classify_error(early)
                             continue
                         fd = sock.fileno()
                         pending[fd] = (sock, address, port, attempt, sent)
@@ -212,7 +228,8 @@ class Scheduler:
                         heappush(deadlines, (sent + host_timing.timeout, seq, sock))
                         continue
                     if code in LOCAL_SHORTAGE:
-                        sock.close()
+                        if sock is not None:
+                            sock.close()
                         host_stats.probes -= 1
                         if attempt:
                             host_stats.retransmissions -= 1
@@ -220,6 +237,7 @@ class Scheduler:
                             raise OSError(code, f"cannot open a probe: {errno.errorcode[code]}")
                         again.appendleft((address, port, attempt))
                         break
+                    assert sock is not None  # a socket() failure is a shortage or raised
                     outcome = connected(sock) if code == 0 else classify_error(code)
                     sock.close()
                     host_stats.answer(attempt)
@@ -251,9 +269,13 @@ class Scheduler:
                     if code:
                         outcome = classify_error(code)
                     else:
-                        outcome = connected(sock)
-                        timing[address].sample(now - sent)
-                        group.sample(now - sent)
+                        try:
+                            outcome = connected(sock)
+                        except OSError:  # ready, yet not connected: as at its deadline
+                            outcome = ("filtered", "no-response")
+                        else:
+                            timing[address].sample(now - sent)
+                            group.sample(now - sent)
                         if outcome[0] == "open":
                             opened.append((address, port))
                             sock.setsockopt(sol_socket, socket.SO_LINGER, LINGER_RESET)
