@@ -22,7 +22,14 @@ from shared.ports import format_port_spec, parse_port_spec
 from shared.protocol import HARD_LIMIT_MARGIN, MAX_DELIVERIES, time_limits
 from shared.resolve import resolve_target
 from shared.retry import TRANSIENT_ERRORS, retry
-from shared.schemas import PortResult, ScanConfig, ScanProgress, ScanResult, ScanTaskPayload
+from shared.schemas import (
+    MAX_OPEN_PORTS_PER_HOST,
+    PortResult,
+    ScanConfig,
+    ScanProgress,
+    ScanResult,
+    ScanTaskPayload,
+)
 from shared.settings import Settings
 from shared.store import ScanRow, ScanStore
 from shared.targets import parse_target
@@ -69,6 +76,8 @@ IDENTIFY_HOSTS = 8
 """Hosts whose services are identified at once, each with up to IDENTIFY_CONCURRENCY."""
 IDENTIFY_MIN_SECONDS = 1.0
 IDENTIFY_MAX_SECONDS = 3.0
+IDENTIFY_BUDGET_SECONDS = 60.0
+"""A scan's whole identification: a port not identified by then keeps its registered name."""
 
 
 class Runtime(Protocol):
@@ -82,19 +91,33 @@ class Runtime(Protocol):
     def redis(self) -> redis.Redis: ...
 
 
+def identify_deadline() -> float:
+    """When a scan's identification must end (event-loop time), taken once per scan."""
+    return asyncio.get_running_loop().time() + IDENTIFY_BUDGET_SECONDS
+
+
 async def identify_services(
-    address: str, ports: list[int], config: ScanConfig
+    address: str, ports: list[int], config: ScanConfig, until: float
 ) -> dict[int, ServiceInfo]:
-    """Service identification on open ports only, after discovery, bounded in time."""
+    """Service identification on open ports only, after discovery, bounded: at most
+    ``MAX_OPEN_PORTS_PER_HOST`` ports (a result lists no more), and none after ``until``
+    (loop time); the ports left out keep their registered names."""
     timeout = max(IDENTIFY_MIN_SECONDS, min(IDENTIFY_MAX_SECONDS, 2 * config.timeout))
     gate = asyncio.Semaphore(IDENTIFY_CONCURRENCY)
+    found: dict[int, ServiceInfo] = {}
 
-    async def one(port: int) -> ServiceInfo:
+    async def one(port: int) -> None:
         async with gate:
-            return await identify(address, port, timeout=timeout)
+            found[port] = await identify(address, port, timeout=timeout)
 
-    infos = await asyncio.gather(*(one(port) for port in ports))
-    return dict(zip(ports, infos, strict=True))
+    try:
+        async with asyncio.timeout_at(until):
+            await asyncio.gather(*(one(port) for port in ports[:MAX_OPEN_PORTS_PER_HOST]))
+    except TimeoutError:
+        log.info(
+            "%s: identification budget spent, %d of %d ports named", address, len(found), len(ports)
+        )
+    return found
 
 
 def port_result(address: str, port: int, reason: str, info: ServiceInfo | None) -> PortResult:
@@ -400,10 +423,11 @@ class ScanJob:
         count = sum(len(ports) for ports in wanted.values())
         self.reporter.announce(f"Identifying services on {count} open ports", "services")
         gate = asyncio.Semaphore(IDENTIFY_HOSTS)
+        until = identify_deadline()
 
         async def one(address: str, ports: list[int]) -> dict[int, ServiceInfo]:
             async with gate:
-                return await identify_services(address, ports, self.job.config)
+                return await identify_services(address, ports, self.job.config, until)
 
         found = await asyncio.gather(*(one(a, ports) for a, ports in wanted.items()))
         return dict(zip(wanted, found, strict=True))

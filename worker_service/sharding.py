@@ -36,6 +36,7 @@ from shared.store import ScanRow, ShardOutcome, ShardRow
 from shared.targets import parse_target
 from worker_service.job import (
     Runtime,
+    identify_deadline,
     identify_services,
     port_result,
     probe,
@@ -348,11 +349,12 @@ class Merge:
         if not self.job.config.service_detection:
             return
         tarpits = {host.address for host in self.hosts if host.tarpit}
+        until = identify_deadline()
         for address, found in self.found.items():
             if address in tarpits:
                 continue  # its open ports are listed, its services not identified
             ports = [p for p, _ in found]
-            self.services[address] = await identify_services(address, ports, self.job.config)
+            self.services[address] = await identify_services(address, ports, self.job.config, until)
 
     def result(self, status: Literal["completed", "revoked"] = "completed") -> ScanResult:
         open_ports: list[PortResult] = []
