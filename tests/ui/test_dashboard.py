@@ -324,12 +324,19 @@ def test_rate_limited_then_gateway_gone_each_say_what_to_do(
         page = context.new_page()
         sign_in(page, api_key)
         submit(page, "127.0.0.1", "1")
-        page.goto("/ui/")
-        page.locator("#target").fill("127.0.0.1")
         statuses: list[int] = []
         page.on("response", lambda response: statuses.append(response.status))
-        page.get_by_role("button", name="Start scan").click()
-        expect(page.locator("#form-error")).to_contain_text(re.compile(r"try again in \d+ seconds"))
+        error = page.locator("#form-error")
+        # The limit counts per clock minute: the first two submissions may fall either side of
+        # a minute's end, the third cannot.
+        for _ in range(2):
+            page.goto("/ui/")
+            page.locator("#target").fill("127.0.0.1")
+            page.get_by_role("button", name="Start scan").click()
+            expect(error.or_(page.get_by_role("heading", name="Scan of 127.0.0.1"))).to_be_visible()
+            if error.count():
+                break
+        expect(error).to_contain_text(re.compile(r"try again in \d+ seconds"))
         assert 429 in statuses
 
         # The list refreshes itself while a scan is queued; with the gateway gone it says so.
