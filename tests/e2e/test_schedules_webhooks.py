@@ -388,8 +388,20 @@ async def test_two_dispatcher_processes_fire_each_due_run_once(
     ]
     ids = [s.id for s in created if s is not None]
     assert len(ids) == count
-    dispatchers = [start_dispatcher(own, run_dir / f"two-dispatchers-{n}.log") for n in range(2)]
+    beats = [run_dir / f"two-dispatchers-{n}.heartbeat" for n in range(2)]
+    dispatchers = [
+        start_dispatcher(
+            own.model_copy(update={"dispatcher_heartbeat_file": str(beat)}),
+            run_dir / f"two-dispatchers-{n}.log",
+        )
+        for n, beat in enumerate(beats)
+    ]
     try:
+        # Both ticking before anything is due, so both race for every run.
+        async def both_ticking() -> bool:
+            return all(beat.exists() for beat in beats)
+
+        await poll("both dispatchers ticking", both_ticking)
         # Due now, for both at once.
         await store.pool.execute("UPDATE schedules SET next_run_at = now() WHERE id = ANY($1)", ids)
 
