@@ -364,6 +364,8 @@ def _server() -> Iterator[tuple[str, list[FakeApi]]]:
         lifespan="off",
         log_level="warning",
         access_log=False,
+        # A stream a test walked away from must not hold the stop at the end of the session.
+        timeout_graceful_shutdown=2,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="fake-api", daemon=True)

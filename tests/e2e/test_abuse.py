@@ -30,6 +30,7 @@ pytestmark = pytest.mark.e2e
 RATE = 5
 STREAMS_PER_KEY = 4
 STREAMS = 12
+WINDOW = 2  # seconds over which the stream test counts PostgreSQL transactions
 KEYS = 13
 
 
@@ -150,6 +151,9 @@ def test_the_process_bounds_streams_across_keys_and_polls_postgres_once(
         answered: list[int] = []
         all_answered = asyncio.Event()
         clients = []
+        # What the gateway does in PostgreSQL with no stream open (its own background work, and
+        # the stats PostgreSQL flushes up to a second late), measured over the same window.
+        idle = await _transactions_over(abuse, WINDOW)
         for index in (2, 3, 4):
             with client_for(abuse, index) as sync:
                 task_id = queued_scan(sync)
@@ -169,9 +173,7 @@ def test_the_process_bounds_streams_across_keys_and_polls_postgres_once(
             with client_for(abuse, 5) as fourth:
                 over = fourth.get(f"/api/scan/{queued_scan(fourth)}/events")
             # With 12 streams open, PostgreSQL sees one watcher, not a query per stream a second.
-            before = await _transactions(abuse)
-            await asyncio.sleep(3)
-            during = await _transactions(abuse) - before
+            during = await _transactions_over(abuse, WINDOW)
         finally:
             stop.set()
             await asyncio.gather(*held, return_exceptions=True)
@@ -179,11 +181,13 @@ def test_the_process_bounds_streams_across_keys_and_polls_postgres_once(
                 await client.aclose()
         assert over.status_code == 429, over.text
         assert over.json()["error"]["message"] == "too many event streams open"
-        return [status for task in held for status in task.result()], during
+        return [status for task in held for status in task.result()], during - idle
 
-    statuses, transactions = asyncio.run(scenario())
+    statuses, added = asyncio.run(scenario())
     assert statuses == [200] * STREAMS
-    assert transactions < STREAMS * 3 / 2, transactions
+    # A poll per stream a second would add STREAMS * WINDOW transactions; the watcher adds none
+    # beyond what the gateway does idle. Half of the per-stream figure leaves room for noise.
+    assert added < STREAMS * WINDOW / 2, added
 
 
 async def _stream_until(
@@ -199,6 +203,15 @@ async def _stream_until(
             all_answered.set()
         await stop.wait()
         return [response.status_code]
+
+
+async def _transactions_over(own: Settings, seconds: float) -> int:
+    """Transactions committed or rolled back in the gateway's database over ``seconds``, after
+    a settling second for the statistics PostgreSQL flushes late."""
+    await asyncio.sleep(1.1)
+    before = await _transactions(own)
+    await asyncio.sleep(seconds)
+    return await _transactions(own) - before
 
 
 async def _transactions(own: Settings) -> int:

@@ -77,7 +77,14 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def scrape_until(url: str, done: Callable[[Samples], bool], timeout: float = 15) -> Samples:
     deadline = time.monotonic() + timeout
     while True:
-        samples = scrape(url)
+        try:
+            samples = scrape(url)
+        except httpx.ConnectError:
+            # A worker's heartbeat can show a moment before its metrics server listens.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+            continue
         if done(samples) or time.monotonic() > deadline:
             return samples
         time.sleep(0.1)
