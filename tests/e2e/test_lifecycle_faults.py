@@ -61,7 +61,7 @@ def stack(settings: Settings, run_dir: Path, name: str, **changes: object) -> It
         yield Stack(own, base_url(own), worker)
     finally:
         if worker is not None:
-            worker.stop()
+            worker.discard()
         api.stop()
         # On a thread of its own: the async tests using a stack already run a loop.
         with ThreadPoolExecutor(1) as cleanup:

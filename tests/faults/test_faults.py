@@ -74,7 +74,7 @@ class Stack:
 
     def stop(self) -> None:
         if self.worker is not None:
-            self.worker.stop()
+            self.worker.discard()
         self.api.stop()
 
 
