@@ -54,6 +54,7 @@ from worker_service.plan import (
     discovery_record,
     plan_live,
     plan_shards,
+    shard_payload,
 )
 from worker_service.probe.discovery import HostState
 from worker_service.probe.identify import ServiceInfo, identify, registered_name
@@ -272,9 +273,13 @@ async def _plan_and_scan(
 
         if await run_watched(discovery(), should_stop, f"discovery of {job.scan_id}"):
             return Cancelled(not_started(job))
-        plan = plan_live(addresses, ports, known, settings.shard_min_ports, settings.max_shards)
+        plan = plan_live(
+            addresses, ports, known, settings.shard_min_ports, settings.max_shards, job.config.rate
+        )
     else:
-        plan = plan_shards(addresses, ports, settings.shard_min_ports, settings.max_shards)
+        plan = plan_shards(
+            addresses, ports, settings.shard_min_ports, settings.max_shards, job.config.rate
+        )
     if plan is not None:
         discovery_found = discovery_record(addresses, known) if known is not None else None
         return await _shard(store, delivery, job, addresses, plan, settings, discovery_found)
@@ -316,10 +321,14 @@ async def _shard(
     return Sharded(shards or len(plan), probes, tuple(pending))
 
 
-def shard_limits(job: ScanTaskPayload, shard: Shard, settings: Settings) -> tuple[int, int]:
-    """(hard, soft) seconds of one shard, as for a scan of its size."""
+def shard_limits(
+    job: ScanTaskPayload, shard: Shard, settings: Settings, shards: int
+) -> tuple[int, int]:
+    """(hard, soft) seconds of one of ``shards`` shards, as for a scan of its size paced to
+    its share of the rate."""
     addresses, ports = shard
-    return time_limits(job, len(ports), len(addresses), cap=settings.max_scan_seconds)
+    own = shard_payload(job, shards)
+    return time_limits(own, len(ports), len(addresses), cap=settings.max_scan_seconds)
 
 
 def merge_limits(settings: Settings) -> tuple[int, int]:
@@ -331,7 +340,7 @@ def sharded_reap_seconds(job: ScanTaskPayload, plan: list[Shard], settings: Sett
     """Every shard and the merge one after another (one worker process may run them all),
     the wait of a continuation in the queue (behind the task a worker process is running),
     plus the retry budget."""
-    hard = sum(shard_limits(job, shard, settings)[0] for shard in plan)
+    hard = sum(shard_limits(job, shard, settings, len(plan))[0] for shard in plan)
     wait = queue_wait_seconds(settings.max_scan_seconds)
     return hard + merge_limits(settings)[0] + wait + retry_budget(settings.db_retry_seconds)
 

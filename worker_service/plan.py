@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared.ports import order_by_tier
-from shared.schemas import ScanConfig
+from shared.schemas import ScanConfig, ScanTaskPayload
 from shared.settings import Settings
 from worker_service.probe.discovery import HostState
 from worker_service.probe.runner import discovery_wanted
@@ -18,15 +18,23 @@ Shard = tuple[list[str], list[int]]
 
 
 def plan_shards(
-    addresses: list[str], ports: list[int], min_probes: int, max_shards: int
+    addresses: list[str],
+    ports: list[int],
+    min_probes: int,
+    max_shards: int,
+    rate: int | None = None,
 ) -> list[Shard] | None:
     """Split a scan into shards of at least ``min_probes`` probes, or None to run it whole.
 
     Many addresses are split by address. Otherwise ports are dealt round-robin in tier order,
     so every shard starts with its share of the critical ports and tiers still come first.
+    A scan with a ``rate`` gets no more shards than its rate: each shard paces to its share
+    (:func:`shard_payload`), at least one probe a second.
     """
     probes = len(addresses) * len(ports)
     count = min(max_shards, probes // min_probes)
+    if rate:
+        count = min(count, rate)
     if count < 2:
         return None
     if len(addresses) >= count:
@@ -42,7 +50,8 @@ def discover_first(
     target would be split and discovery is on. Shards of a /24 where three hosts are up would
     each wait out discovery of their share of the dead ones; planned over the live hosts, the
     scan is often small enough to need no split at all."""
-    if plan_shards(addresses, ports, settings.shard_min_ports, settings.max_shards) is None:
+    plan = plan_shards(addresses, ports, settings.shard_min_ports, settings.max_shards, config.rate)
+    if plan is None:
         return False
     return len(addresses) > 1 and discovery_wanted(config, addresses)
 
@@ -53,10 +62,21 @@ def plan_live(
     states: Mapping[str, HostState],
     min_probes: int,
     max_shards: int,
+    rate: int | None = None,
 ) -> list[Shard] | None:
     """``plan_shards`` over the addresses discovery found up: the work that is really there."""
     live = [address for address in addresses if states[address].up]
-    return plan_shards(live, ports, min_probes, max_shards)
+    return plan_shards(live, ports, min_probes, max_shards, rate)
+
+
+def shard_payload(job: ScanTaskPayload, shards: int) -> ScanTaskPayload:
+    """What one of ``shards`` shards runs: the scan, paced to its share of the scan's rate.
+    The shards may all run at once, and together they send no faster than the scan's rate."""
+    rate = job.config.rate
+    if not rate or shards <= 1:
+        return job
+    config = job.config.model_copy(update={"rate": max(1, rate // shards)})
+    return job.model_copy(update={"config": config})
 
 
 def discovery_record(addresses: list[str], states: Mapping[str, HostState]) -> list[dict[str, Any]]:

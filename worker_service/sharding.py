@@ -54,7 +54,7 @@ from worker_service.lifecycle import (
     Skipped,
     run_watched,
 )
-from worker_service.plan import known_states
+from worker_service.plan import known_states, shard_payload
 from worker_service.probe.identify import ServiceInfo
 from worker_service.probe.runner import ScanProgressEvent, hosts_results, probe_limits
 from worker_service.reporting import PROGRESS_INTERVAL, EventLog
@@ -238,7 +238,7 @@ async def _sweep(
         found = await probe(
             addresses,
             ports,
-            job.config,
+            shard_payload(job, row.shards_total or 1).config,
             progress,
             limits=limits,
             known={a: states[a] for a in addresses} if states is not None else None,

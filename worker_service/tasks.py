@@ -236,7 +236,10 @@ def _publish_shards(
     try:
         for shard in sharded.pending:
             hard, soft = shard_limits(
-                job, (list(shard.addresses), parse_port_spec(shard.ports)), settings
+                job,
+                (list(shard.addresses), parse_port_spec(shard.ports)),
+                settings,
+                sharded.shards,
             )
             task.app.send_task(
                 SHARD_TASK,

@@ -1,16 +1,22 @@
 from __future__ import annotations
 
+from uuid import uuid4
+
 import orjson
+import pytest
 
 from shared.ports import TIER_OF
-from shared.schemas import HostResult, ScanConfig
+from shared.protocol import time_limits
+from shared.schemas import HostResult, ScanConfig, ScanTaskPayload
 from shared.settings import Settings
+from worker_service.job import shard_limits
 from worker_service.plan import (
     discover_first,
     discovery_record,
     known_states,
     plan_live,
     plan_shards,
+    shard_payload,
 )
 from worker_service.probe.discovery import HostState
 from worker_service.sharding import ShardFindings, merge_hosts
@@ -111,3 +117,49 @@ def test_merged_hosts_list_every_address_and_keep_tarpit_flags() -> None:
     ]
     assert [h.probes for h in hosts] == [0, 5, 7]
     assert [h.tarpit for h in hosts] == [False, False, True]
+
+
+# --- a rated scan's shards share its rate ------------------------------------------------------
+
+
+def rated_job(rate: int) -> ScanTaskPayload:
+    return ScanTaskPayload(
+        scan_id=uuid4(),
+        target="127.0.0.1",
+        ports="1-2000",
+        config=ScanConfig(rate=rate),
+        priority="normal",
+    )
+
+
+def test_a_rated_scan_gets_no_more_shards_than_probes_a_second() -> None:
+    ports = list(range(1, 2001))
+    assert len(plan_shards(["127.0.0.1"], ports, 250, 8) or []) == 8
+    assert len(plan_shards(["127.0.0.1"], ports, 250, 8, rate=3) or []) == 3
+    assert plan_shards(["127.0.0.1"], ports, 250, 8, rate=1) is None
+
+
+@pytest.mark.parametrize(("rate", "shards"), [(100, 4), (10, 3), (7, 7), (1000, 1)])
+def test_shards_together_send_no_faster_than_the_scans_rate(rate: int, shards: int) -> None:
+    job = rated_job(rate)
+    share = shard_payload(job, shards).config.rate
+    assert share is not None
+    assert share >= 1
+    assert share * shards <= rate
+    assert shard_payload(job, shards).model_dump(exclude={"config"}) == job.model_dump(
+        exclude={"config"}
+    )
+    unrated = rated_job(1).model_copy(update={"config": ScanConfig()})
+    assert shard_payload(unrated, shards) == unrated
+
+
+def test_a_shards_time_limit_allows_for_its_share_of_the_rate() -> None:
+    """Four shards of 500 probes at 25 probes/s each need the time of the whole scan's 2,000
+    probes at 100/s, not a quarter of it: otherwise every rated shard meets its limit."""
+    settings = Settings()
+    job = rated_job(100)
+    plan = plan_shards(["127.0.0.1"], list(range(1, 2001)), 500, 8, rate=100)
+    assert plan is not None
+    assert len(plan) == 4
+    whole = time_limits(job, 2000, cap=settings.max_scan_seconds)
+    assert {shard_limits(job, shard, settings, len(plan)) for shard in plan} == {whole}
