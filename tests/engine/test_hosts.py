@@ -1,11 +1,16 @@
-"""Several hosts in one sweep, on loopback: tier order across hosts, discovery without ICMP."""
+"""Several hosts in one sweep, on loopback: tier order across hosts, discovery with and without
+ICMP."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 
+import pytest
+
 from shared.schemas import ScanConfig
-from worker_service.probe.discovery import discover
+from worker_service.probe.discovery import discover, open_icmp
 from worker_service.probe.runner import ScanProgressEvent, scan_hosts
 
 Listeners = Callable[..., list[int]]
@@ -34,3 +39,20 @@ def test_discovery_without_icmp_decides_by_tcp() -> None:
     assert states["127.0.0.1"].up
     assert states["127.0.0.1"].reason in ("syn-ack", "reset")
     assert states["127.0.0.1"].seed is not None  # its answer is the first RTT sample
+
+
+@pytest.mark.parametrize(("address", "v6"), [("127.0.0.1", False), ("::1", True)])
+def test_echo_requests_are_answered_on_both_families(address: str, v6: bool) -> None:
+    ident = os.getpid() & 0xFFFF
+    pinger = open_icmp(v6)
+    assert pinger is not None, "the suite runs as root: a ping socket or a raw one"
+    answered: set[str] = set()
+    try:
+        pinger.send(address, ident, 0)
+        deadline = time.monotonic() + 2
+        while address not in answered and time.monotonic() < deadline:
+            answered |= pinger.replies(ident)
+            time.sleep(0.01)
+    finally:
+        pinger.close()
+    assert answered == {address}

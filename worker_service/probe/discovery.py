@@ -2,9 +2,10 @@
 
 As nmap does unprivileged: a connect to 80 or 443 that is answered, by a SYN-ACK or by a
 reset, says the host is up. ICMP echo goes out too when the process may: through a ping socket
-(``SOCK_DGRAM``, allowed by ``net.ipv4.ping_group_range``) or a raw socket (``CAP_NET_RAW``);
-with neither, TCP alone decides. Unanswered pings are retransmitted like port probes, so a
-lost SYN does not mark a live host down. IPv4 only for ICMP; IPv6 hosts rely on TCP.
+(``SOCK_DGRAM``, allowed by ``net.ipv4.ping_group_range``, which covers ICMPv6 too) or a raw
+socket (``CAP_NET_RAW``); with neither, TCP alone decides. IPv4 hosts get ICMP echo, IPv6 hosts
+ICMPv6 echo. Unanswered pings are retransmitted like port probes, so a lost SYN does not mark
+a live host down.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 PING_PORTS: Final = (80, 443)
 """nmap's unprivileged default TCP ping ports."""
 _ECHO_REQUEST, _ECHO_REPLY = 8, 0
+_ECHO6_REQUEST, _ECHO6_REPLY = 128, 129
 
 
 class HostState:
@@ -52,39 +54,63 @@ def checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def echo_request(ident: int, seq: int) -> bytes:
+def echo_request(ident: int, seq: int, v6: bool = False) -> bytes:
+    """An echo request; ICMPv6's checksum covers a pseudo-header the kernel fills in, so it
+    is left 0 for the kernel to compute (RFC 3542 says it must, on raw ICMPv6 sockets too)."""
     body = b"cybersec-scan"
-    header = bytes([_ECHO_REQUEST, 0, 0, 0]) + ident.to_bytes(2, "big") + seq.to_bytes(2, "big")
+    kind = _ECHO6_REQUEST if v6 else _ECHO_REQUEST
+    header = bytes([kind, 0, 0, 0]) + ident.to_bytes(2, "big") + seq.to_bytes(2, "big")
+    if v6:
+        return header + body
     sum_ = checksum(header + body)
     return header[:2] + sum_.to_bytes(2, "big") + header[4:] + body
 
 
-def open_icmp() -> tuple[socket.socket, bool] | None:
-    """An ICMP socket this process may use, and whether it is raw; None when neither kind is
-    allowed (no ping group, no CAP_NET_RAW)."""
+class Pinger:
+    """An ICMP (or ICMPv6) echo socket this process may use: a ping socket or a raw one."""
+
+    def __init__(self, sock: socket.socket, raw: bool, v6: bool) -> None:
+        self.sock = sock
+        self.raw = raw
+        self.v6 = v6
+
+    def send(self, address: str, ident: int, seq: int) -> None:
+        self.sock.sendto(echo_request(ident, seq, self.v6), (address, 0))
+
+    def replies(self, ident: int) -> set[str]:
+        """Addresses whose echo replies wait on the socket."""
+        answered: set[str] = set()
+        reply = _ECHO6_REPLY if self.v6 else _ECHO_REPLY
+        while True:
+            try:
+                data, source = self.sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return answered
+            if self.raw:
+                if not self.v6:  # raw IPv4 sockets read the IP header too; IPv6 ones do not
+                    data = data[(data[0] & 0x0F) * 4 :]
+                if len(data) < 8 or int.from_bytes(data[4:6], "big") != ident:
+                    continue  # someone else's ping, or not a reply to ours
+            if data and data[0] == reply:
+                answered.add(source[0])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def open_icmp(v6: bool = False) -> Pinger | None:
+    """An echo socket this process may use; None when neither kind is allowed (no ping
+    group, no CAP_NET_RAW) or the family is not there (a kernel without IPv6)."""
+    family, proto = (
+        (socket.AF_INET6, socket.IPPROTO_ICMPV6) if v6 else (socket.AF_INET, socket.IPPROTO_ICMP)
+    )
     for kind, raw in ((socket.SOCK_DGRAM, False), (socket.SOCK_RAW, True)):
         try:
-            sock = socket.socket(socket.AF_INET, kind | socket.SOCK_NONBLOCK, socket.IPPROTO_ICMP)
+            sock = socket.socket(family, kind | socket.SOCK_NONBLOCK, proto)
         except OSError:
             continue
-        return sock, raw
+        return Pinger(sock, raw, v6)
     return None
-
-
-def echo_replies(sock: socket.socket, raw: bool, ident: int) -> set[str]:
-    """Addresses whose echo replies wait on ``sock``."""
-    answered: set[str] = set()
-    while True:
-        try:
-            data, (address, _port) = sock.recvfrom(2048)
-        except (BlockingIOError, InterruptedError):
-            return answered
-        if raw:
-            data = data[(data[0] & 0x0F) * 4 :]
-            if len(data) < 8 or int.from_bytes(data[4:6], "big") != ident:
-                continue  # someone else's ping, or not a reply to ours
-        if data and data[0] == _ECHO_REPLY:
-            answered.add(address)
 
 
 PACE_SLICE = 0.05
@@ -121,18 +147,22 @@ def discover(
     ``syn-ack``, ``reset`` or ``echo-reply``, else down with ``no-response`` (or the ICMP
     error the network sent back, e.g. ``host-unreach``)."""
     ident = os.getpid() & 0xFFFF
-    pinger = open_icmp() if icmp else None
-    v4 = [address for address in hosts if ":" not in address]
+    pingers: list[tuple[Pinger, list[str]]] = []
+    if icmp:
+        for v6 in (False, True):
+            family = [address for address in hosts if (":" in address) == v6]
+            if family and (pinger := open_icmp(v6)) is not None:
+                pingers.append((pinger, family))
+    pinged = sum(len(family) for _, family in pingers)
     try:
-        if pinger is not None:
-            sock, _raw = pinger
-            for seq in range(1 + max(0, retries)):
-                for address in v4:
+        for seq in range(1 + max(0, retries)):
+            for pinger, family in pingers:
+                for address in family:
                     if not _pace(bucket, stop):
                         break
                     # A full send buffer or an unroutable address: TCP still decides.
                     try:
-                        sock.sendto(echo_request(ident, seq), (address, 0))
+                        pinger.send(address, ident, seq)
                     except OSError:
                         break
         scheduler = Scheduler(
@@ -145,10 +175,11 @@ def discover(
         )
         notable = scheduler.run(hosts, PING_PORTS)
         echoed: set[str] = set()
-        if pinger is not None:
+        if pingers:
             deadline = time.monotonic() + min(timeout, 0.05)
-            while time.monotonic() < deadline and len(echoed) < len(v4):
-                echoed |= echo_replies(pinger[0], pinger[1], ident)
+            while time.monotonic() < deadline and len(echoed) < pinged:
+                for pinger, _family in pingers:
+                    echoed |= pinger.replies(ident)
                 time.sleep(0.005)
         states = {}
         for address in hosts:
@@ -167,5 +198,5 @@ def discover(
                 states[address] = HostState(False, min(reasons) if reasons else "no-response")
         return states
     finally:
-        if pinger is not None:
-            pinger[0].close()
+        for pinger, _family in pingers:
+            pinger.close()
