@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 10.0
 """Longest a finishing task waits for the Redis writes queued before its end to go out."""
+CLOSE_DRAIN_SECONDS = 2.0
+"""Longest a closing runtime waits for the Redis writes still queued."""
 LOOP_BEAT_SECONDS = 1.0
 
 
@@ -194,6 +196,9 @@ class WorkerRuntime:
     def close(self) -> None:
         if self.threaded:
             self.abandon()  # a task thread still waiting must not wait for ever
+            self.drain(CLOSE_DRAIN_SECONDS)  # before the Redis client they use is closed
+            if self.writer is not None:
+                self.writer.shutdown(wait=False, cancel_futures=True)
         if self._store is not None:
             for pool in (self._store.relaxed, self._store.pool):
                 try:
@@ -210,9 +215,8 @@ class WorkerRuntime:
             if self._thread.is_alive():
                 log.warning("the event loop did not stop; left to the process's exit")
                 return
-        for executor in (self.writer, self.executor):
-            if executor is not None:
-                executor.shutdown(wait=False, cancel_futures=True)
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
         if self.watchdog is not None:
             self.watchdog.close()
         self.loop.close()
