@@ -137,11 +137,11 @@ def delivered(
         runtime = get_runtime(settings)
         _soft, hard = _limits(task, settings)
         try:
-            with runtime.watch(f"task {task.request.id} ({task.name})", hard):
-                try:
+            try:
+                with runtime.watch(f"task {task.request.id} ({task.name})", hard):
                     return body(task, *args, **kwargs)
-                finally:
-                    runtime.drain()
+            finally:
+                runtime.drain()  # bounded on its own: outside the watch
         except Abandoned:
             log.warning("task %s: stopped by the worker; its message goes back", task.request.id)
             raise Reject("stopped by the worker: requeued", requeue=True) from None

@@ -2,8 +2,9 @@
 
 ``tiers`` sweeps tier by tier with the epoll loop of ``scheduler``, in the calling thread for
 small tiers or in one probe process per CPU for large ones. ``scan_hosts`` runs the whole
-blocking scan in an executor thread (or inline for a scan that cannot block the loop long);
-the event loop only receives throttled progress and the outcomes.
+blocking scan in an executor thread (or inline for a scan that cannot block the loop long,
+unless the loop is shared by many scans: ``ProbeLimits.inline``); the event loop only receives
+throttled progress and the outcomes.
 """
 
 from __future__ import annotations
