@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     """Highest ``config.max_concurrent`` accepted; the request schema's own bound is 20000."""
     db_pool_size: int = Field(default=10, ge=1)
     worker_concurrency: int = Field(default=2, ge=1)
+    """Scans a worker node runs at once: processes with ``prefork``, threads with ``threads``."""
+    worker_pool: Literal["prefork", "threads"] = "prefork"
+    """``prefork``: one scan per process. ``threads``: one process runs
+    ``worker_concurrency`` scans at once on its one event loop (scans that wait on timeouts)."""
     shutdown_timeout: int = Field(default=20, ge=1, le=600)
     """Seconds a worker's soft shutdown lets running scans finish before requeueing them.
     systemd, supervisor, compose and Helm stop timeouts are set above this bound."""

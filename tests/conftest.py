@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aio_pika
 import asyncpg
@@ -182,9 +182,18 @@ def wait_until(predicate: object, what: str, process: Process, timeout: float = 
 
 
 def start_worker(
-    settings: Settings, log: Path, *, wrap: list[str] | None = None, concurrency: int = 2
+    settings: Settings,
+    log: Path,
+    *,
+    wrap: list[str] | None = None,
+    concurrency: int = 2,
+    pool: Literal["prefork", "threads"] | None = None,
 ) -> Process:
-    """A real Celery worker (prefork) on the settings' queue, once its heartbeat shows."""
+    """A real Celery worker on the settings' queue, once its heartbeat shows: ``concurrency``
+    processes (prefork), or one process running that many scans (``pool="threads"``; the
+    settings' ``worker_pool`` when no pool is given)."""
+    if pool is not None:
+        settings = settings.model_copy(update={"worker_pool": pool})
     heartbeat = Path(settings.heartbeat_file)
     heartbeat.unlink(missing_ok=True)
     args = [

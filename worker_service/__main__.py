@@ -4,6 +4,9 @@ Without ``--critical``: the node consumes the scan queue and the critical queue 
 ``CYBERSEC_WORKER_CONCURRENCY`` processes. With ``--critical``: the reserved node, which consumes
 only the critical queue with ``CYBERSEC_CRITICAL_CONCURRENCY`` processes, so a critical scan finds
 a free process even while long scans hold every normal one. Run one of each per worker host.
+
+With ``CYBERSEC_WORKER_POOL=threads`` either node is one process running that many scans at
+once (``--pool=threads``), on one event loop; see ``worker_service.runtime``.
 """
 
 from __future__ import annotations
@@ -69,10 +72,13 @@ def main(argv: list[str] | None = None) -> None:
         args.remove(CRITICAL_FLAG)
         settings, options = critical_node(settings)
         args = [*options, *args]
+    if settings.worker_pool == "threads":
+        args = ["--pool=threads", f"--concurrency={settings.worker_concurrency}", *args]
     configure_logging(settings.log_level, "worker", settings.log_format)
     if settings.metrics_port:
-        # Every prefork child writes its samples there. prometheus_client picks multiprocess
-        # mode when first imported, so this comes before the worker's modules are loaded.
+        # Every prefork child (or the one threads-pool process) writes its samples there.
+        # prometheus_client picks multiprocess mode when first imported, so this comes
+        # before the worker's modules are loaded.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_directory()
     from celery.signals import setup_logging
 

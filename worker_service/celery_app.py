@@ -64,6 +64,7 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
         worker_concurrency=settings.worker_concurrency,
+        worker_pool=settings.worker_pool,  # threads: worker_service.pool.ThreadsPool
         worker_hijack_root_logger=False,
         worker_soft_shutdown_timeout=float(settings.shutdown_timeout),
         worker_cancel_long_running_tasks_on_connection_loss=True,

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from celery import Celery, bootsteps
 
+from worker_service.runtime import current_runtime
+
 INTERVAL = 1.0
+LOOP_STALL_SECONDS = 60.0
+"""A threads-pool worker whose shared event loop has not run this long is not alive: every
+scan of the process waits on it."""
+log = logging.getLogger(__name__)
 
 
 class Heartbeat(bootsteps.StartStopStep):
-    """Runs on the consumer's own timer, so a wedged consumer stops the heartbeat too."""
+    """Runs on the consumer's own timer, so a wedged consumer stops the heartbeat too (and, in
+    a threads-pool worker, a wedged event loop)."""
 
     requires = ("celery.worker.consumer.mingle:Mingle",)
 
@@ -34,6 +43,12 @@ class Heartbeat(bootsteps.StartStopStep):
             self.path.unlink()
 
     def touch(self) -> None:
+        runtime = current_runtime()
+        if runtime is not None and runtime.threaded:
+            stalled = time.monotonic() - runtime.beat
+            if stalled > LOOP_STALL_SECONDS:
+                log.error("the event loop has not run for %.0f s: heartbeat withheld", stalled)
+                return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch()
         os.utime(self.path)

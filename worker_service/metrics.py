@@ -43,7 +43,7 @@ from shared.protocol import MERGE_TASK, SCAN_TASK
 from shared.settings import Settings
 from shared.store import ScanRow
 from worker_service.lifecycle import Outcome
-from worker_service.runtime import get_runtime
+from worker_service.runtime import Abandoned, get_runtime
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,13 @@ class TaskHooks:
         lookup = asyncio.wait_for(self._row(scan_id), QUEUE_WAIT_LOOKUP_SECONDS)
         try:
             row = get_runtime(self.settings).run(lookup)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except (
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            OSError,
+            TimeoutError,
+            Abandoned,  # the worker is stopping
+        ) as exc:
             log.debug("scan %s: queue wait not measured: %r", scan_id, exc)
             return
         if row is None or row.started_at is None or row.attempts != 1:

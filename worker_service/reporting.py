@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
+from functools import partial
 from typing import Any
 
 import redis
@@ -24,14 +27,28 @@ REDIS_BACKOFF = 5.0
 
 
 class EventLog:
-    """Writes to one scan's event stream; a Redis outage costs progress, never the scan."""
+    """Writes to one scan's event stream; a Redis outage costs progress, never the scan.
 
-    def __init__(self, client: redis.Redis, prefix: str, task_id: str, ttl: int) -> None:
+    With a ``writer`` (the threads pool's one Redis thread), what the event loop asks of Redis
+    goes through :meth:`post`: the loop, shared by every scan of the process, never waits on
+    Redis, and one scan's writes keep their order. :meth:`hold` and :meth:`hold_slot` post
+    themselves; :meth:`write` and :meth:`add_to` run where they are called, so from a posted
+    call (or anywhere without a writer)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        task_id: str,
+        ttl: int,
+        writer: Executor | None = None,
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.key = events_key(prefix, task_id)
         self.task_id = task_id
         self.ttl = ttl
+        self.writer = writer
         self.down_until = 0.0
         self._held: list[tuple[EventKind, object]] = []
 
@@ -39,9 +56,25 @@ class EventLog:
     def available(self) -> bool:
         return time.monotonic() >= self.down_until
 
+    def post(self, call: Callable[[], object]) -> None:
+        """Run ``call`` now, or with a writer on its thread, after every call posted before."""
+        if self.writer is None:
+            call()
+            return
+        try:
+            self.writer.submit(contextvars.copy_context().run, self._logged, call)
+        except RuntimeError:  # the writer is shut down: the process is stopping
+            log.warning("scan %s: Redis write dropped, the worker is stopping", self.task_id)
+
+    def _logged(self, call: Callable[[], object]) -> None:
+        try:
+            call()
+        except Exception:  # a bug: the writer thread must serve the other scans on
+            log.exception("scan %s: a Redis write failed", self.task_id)
+
     def hold(self, *events: tuple[EventKind, object]) -> None:
         """Queue events to go out ahead of the next write (a scan always writes its ``end``)."""
-        self._held.extend(events)
+        self.post(partial(self._held.extend, events))
 
     def write(self, *events: tuple[EventKind, object], release: Any = None) -> bool:
         """Append events (after any held ones); with ``release``, also free that key's
@@ -77,6 +110,9 @@ class EventLog:
         """Count the key's active-scan slot from now, the scan's start: a slot the gateway took
         lives while the scan is queued, however long, and then ``seconds`` from its start. A
         slot already released (the scan was cancelled) is not taken again."""
+        self.post(partial(self._hold_slot, owner, seconds))
+
+    def _hold_slot(self, owner: Any, seconds: float) -> None:
         try:
             self.client.zadd(
                 active_key(self.prefix, owner), {self.task_id: time.time() + seconds}, xx=True
@@ -128,6 +164,9 @@ class ProgressReporter:
         self._announced = len(self.open_ports)
 
     def _send(self, progress: ScanProgress) -> None:
+        self.events.post(partial(self._deliver, progress))
+
+    def _deliver(self, progress: ScanProgress) -> None:
         if self.events.write(("progress", progress.model_dump(mode="json"))):
             self.update_state(progress)
 

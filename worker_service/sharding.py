@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 import orjson
@@ -127,11 +128,13 @@ class ShardProgress:
             return
         self.last_sent = now
         done = self.base + event.ports_scanned
+        self.events.post(partial(self._deliver, done, event.tier, list(self.open)))
+
+    def _deliver(self, done: int, tier: str, found: list[tuple[str, int]]) -> None:
+        """The Redis side of a progress event, where the scan's writes run (``post``)."""
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                pipe.hset(
-                    self.key, str(self.index), orjson.dumps({"done": done, "tier": event.tier})
-                )
+                pipe.hset(self.key, str(self.index), orjson.dumps({"done": done, "tier": tier}))
                 pipe.expire(self.key, self.events.ttl)
                 pipe.hvals(self.key)
                 shards = pipe.execute()[-1]
@@ -139,19 +142,19 @@ class ShardProgress:
             return
         scanned = sum(orjson.loads(raw)["done"] for raw in shards)
         progress = ScanProgress(
-            status=f"Scanning {event.tier} priority ports in shards",
+            status=f"Scanning {tier} priority ports in shards",
             progress=min(99, scanned * 100 // self.total) if self.total else 0,
-            tier=event.tier,
+            tier=tier,
             ports_scanned=scanned,
             total_ports=self.total,
-            open_ports=[port for _, port in self.open],
+            open_ports=[port for _, port in found],
         )
-        fresh = self.open[self.announced :]
+        fresh = found[self.announced :]
         if self.events.write(
             *(("port", {"port": p, "address": a, "state": "open"}) for a, p in fresh),
             ("progress", progress.model_dump(mode="json")),
         ):
-            self.announced = len(self.open)
+            self.announced = len(found)
             self.update_parent(progress)
 
 

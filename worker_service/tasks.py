@@ -8,9 +8,10 @@ or dead-letter (``Reject``).
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from uuid import UUID
 
 from celery import Celery, Task
@@ -54,7 +55,7 @@ from worker_service.lifecycle import (
 )
 from worker_service.metrics import OUTCOME_ATTRIBUTE
 from worker_service.reporting import EventLog
-from worker_service.runtime import WorkerRuntime, get_runtime
+from worker_service.runtime import Abandoned, WorkerRuntime, get_runtime
 from worker_service.sharding import DuplicateMerge, Recorded, deliver_merge, deliver_shard
 
 log = logging.getLogger(__name__)
@@ -118,13 +119,43 @@ def scan_merge(task: Task[Any, Any], payload: dict[str, Any], parent_id: str) ->
     return _answer(task, delivery, runtime.run(finish(outcome, ending)))
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def delivered(
+    body: Callable[Concatenate[Task[Any, Any], P], R],
+) -> Callable[Concatenate[Task[Any, Any], P], R]:
+    """A task body as the worker runs it: held to its hard limit (threads pool: the runtime's
+    watchdog; prefork: Celery), its Redis writes out before Celery acks it, and its message
+    handed back to the queue when the runtime abandoned it (a soft shutdown's end, a lost
+    broker connection)."""
+
+    @functools.wraps(body)
+    def run(task: Task[Any, Any], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        settings: Settings = task.app.conf.cybersec_settings
+        runtime = get_runtime(settings)
+        _soft, hard = _limits(task, settings)
+        try:
+            try:
+                with runtime.watch(f"task {task.request.id} ({task.name})", hard):
+                    return body(task, *args, **kwargs)
+            finally:
+                runtime.drain()  # bounded on its own: outside the watch
+        except Abandoned:
+            log.warning("task %s: stopped by the worker; its message goes back", task.request.id)
+            raise Reject("stopped by the worker: requeued", requeue=True) from None
+
+    return run
+
+
 def register_tasks(app: Celery) -> None:
     # resultrepr_maxsize: Celery renders every return value for its log line, whatever the log
     # level: 170 µs for a 1-port result at the default 1024 characters, 90 µs at 200.
     options: dict[str, Any] = {"bind": True, "Request": GuardedRequest, "resultrepr_maxsize": 200}
-    app.task(name=SCAN_TASK, **options)(scan)  # type: ignore[no-untyped-call]
-    app.task(name=SHARD_TASK, ignore_result=True, **options)(scan_shard)  # type: ignore[no-untyped-call]
-    app.task(name=MERGE_TASK, ignore_result=True, **options)(scan_merge)  # type: ignore[no-untyped-call]
+    app.task(name=SCAN_TASK, **options)(delivered(scan))  # type: ignore[no-untyped-call]
+    app.task(name=SHARD_TASK, ignore_result=True, **options)(delivered(scan_shard))  # type: ignore[no-untyped-call]
+    app.task(name=MERGE_TASK, ignore_result=True, **options)(delivered(scan_merge))  # type: ignore[no-untyped-call]
 
 
 class TaskEnding:
@@ -164,7 +195,10 @@ class TaskEnding:
         # Not SUCCESS: Celery would then ack a redelivered message whose worker died before
         # the database write landed, and the durable record would be lost.
         meta = result.model_dump(mode="json")
-        self.backend.finish(self.events.task_id, STORING, meta, lambda _pipe, _state: None)
+        task_id = self.events.task_id
+        self.events.post(
+            lambda: self.backend.finish(task_id, STORING, meta, lambda _pipe, _state: None)
+        )
 
     def end(self, state: str, meta: dict[str, Any] | str | None) -> None:
         owner = self.owner
@@ -172,8 +206,12 @@ class TaskEnding:
         def rider(pipe: Any, _state: str) -> None:
             self.events.add_to(pipe, ("end", {"state": state}), release=owner)
 
-        returned = state == SUCCESS and self.events.task_id == self.request.id
-        self.backend.finish(self.events.task_id, state, meta, rider, returned=returned)
+        task_id = self.events.task_id
+        returned = state == SUCCESS and task_id == self.request.id
+        # Posted after the scan's progress writes: the final state is the last one stored.
+        self.events.post(
+            lambda: self.backend.finish(task_id, state, meta, rider, returned=returned)
+        )
 
     def count(self, outcome: Outcome) -> None:
         setattr(self.request, OUTCOME_ATTRIBUTE, outcome)
@@ -195,14 +233,25 @@ def _run(
         return Failed(UNEXPECTED), None
 
 
+def _limits(task: Task[Any, Any], settings: Settings) -> tuple[float, float]:
+    """(soft, hard) seconds of this delivery, from its message."""
+    limits = task.request.timelimit or (None, None)
+    soft = float(limits[1] or settings.max_scan_seconds)
+    return soft, float(limits[0] or soft + HARD_LIMIT_MARGIN)
+
+
 def _start(task: Task[Any, Any], scan_task_id: str) -> tuple[WorkerRuntime, Delivery, EventLog]:
     settings: Settings = task.app.conf.cybersec_settings
     runtime = get_runtime(settings)
-    limits = task.request.timelimit or (None, None)
-    soft = float(limits[1] or settings.max_scan_seconds)
-    hard = float(limits[0] or soft + HARD_LIMIT_MARGIN)
+    soft, hard = _limits(task, settings)
     delivery = Delivery(str(task.request.id), task.request.retries or 0, soft, hard)
-    events = EventLog(runtime.redis(), settings.redis_prefix, scan_task_id, settings.result_ttl)
+    events = EventLog(
+        runtime.redis(),
+        settings.redis_prefix,
+        scan_task_id,
+        settings.result_ttl,
+        writer=runtime.writer,
+    )
     return runtime, delivery, events
 
 

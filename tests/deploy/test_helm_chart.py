@@ -223,8 +223,16 @@ def test_schema_rejects_unknown_keys(values: Obj) -> None:
         {"config": {"queuePrefix": "two words"}},
         {"api": {"autoscaling": {"minReplicas": 0}}},
         {"image": {"pullPolicy": "Sometimes"}},
+        {"worker": {"pool": "gevent"}},
     ],
-    ids=["grace-margin", "shutdown-bound", "queue-prefix", "min-replicas", "pull-policy"],
+    ids=[
+        "grace-margin",
+        "shutdown-bound",
+        "queue-prefix",
+        "min-replicas",
+        "pull-policy",
+        "worker-pool",
+    ],
 )
 def test_schema_rejects_bad_values(values: Obj) -> None:
     with pytest.raises(helm_python.HelmValuesError):
@@ -282,6 +290,18 @@ def test_large_numbers_reach_the_environment_as_integers(monkeypatch: pytest.Mon
     assert env["CYBERSEC_MAX_HOSTS"] == "65536"
     settings = load_settings(monkeypatch, real_secrets(env))
     assert (settings.result_ttl, settings.max_hosts) == (2_592_000, 65_536)
+
+
+def test_the_threads_pool_reaches_both_worker_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: ``worker.pool: threads`` makes each worker container one process running
+    ``concurrency`` scans; the critical container reads the same environment."""
+    rendered = render({"worker": {"pool": "threads", "concurrency": 16}})
+    env = rendered.container_env("worker")
+    settings = load_settings(monkeypatch, real_secrets(env))
+    assert (settings.worker_pool, settings.worker_concurrency) == ("threads", 16)
+    critical = rendered.container("worker", "worker-critical")
+    assert critical["envFrom"] == rendered.container("worker")["envFrom"]
+    assert render_case("defaults").container_env("worker")["CYBERSEC_WORKER_POOL"] == "prefork"
 
 
 # --- scaling -------------------------------------------------------------------------------

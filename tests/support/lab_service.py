@@ -15,10 +15,17 @@ from tests.support.lab import BLOCK, LabSpec, lab
 
 @contextmanager
 def lab_service(
-    spec: LabSpec, settings: Settings, run_dir: Path, name: str, **changes: Any
+    spec: LabSpec,
+    settings: Settings,
+    run_dir: Path,
+    name: str,
+    *,
+    workers: int = 1,
+    **changes: Any,
 ) -> Iterator[str]:
-    """A lab for ``spec`` and a stack of its own (settings ``changes`` applied); yields the
-    API's base URL once the scanner namespace is checked to have no default route."""
+    """A lab for ``spec`` and a stack of its own (settings ``changes`` applied, its worker of
+    concurrency ``workers``); yields the API's base URL once the scanner namespace is checked
+    to have no default route."""
     with lab(spec) as net:
         net.bridge()
         # A stop that lands while the worker is still acking the last scan starts Celery's
@@ -28,7 +35,7 @@ def lab_service(
             settings,
             run_dir,
             name,
-            workers=1,
+            workers=workers,
             wrap_worker=net.wrap(),
             target_allow=(BLOCK,),
             shutdown_timeout=2,

@@ -118,3 +118,21 @@ def scan_result(scan_id: UUID, status: str = "completed") -> ScanResult:
             "duration_seconds": 0.0,
         }
     )
+
+
+def worker_processes(queue_prefix: str) -> list[int]:
+    """Every process of the worker serving ``queue_prefix``: its main process and, in prefork,
+    its pool's children (which inherit its command line and environment)."""
+    wanted = f"CYBERSEC_QUEUE_PREFIX={queue_prefix}".encode()
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if b"worker_service" in command and wanted in environ:
+            found.append(int(entry.name))
+    return found

@@ -2,8 +2,9 @@
 
 ``tiers`` sweeps tier by tier with the epoll loop of ``scheduler``, in the calling thread for
 small tiers or in one probe process per CPU for large ones. ``scan_hosts`` runs the whole
-blocking scan in an executor thread (or inline for a scan that cannot block the loop long);
-the event loop only receives throttled progress and the outcomes.
+blocking scan in an executor thread (or inline for a scan that cannot block the loop long,
+unless the loop is shared by many scans: ``ProbeLimits.inline``); the event loop only receives
+throttled progress and the outcomes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from resource import RLIMIT_NOFILE, getrlimit
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 from shared.ports import order_by_tier
@@ -108,6 +110,12 @@ class ProbeLimits(NamedTuple):
     """A host with at least this many open ports, and open on 90% of the ports probed so far,
     is a tarpit: flagged, and its services are not identified."""
     probe_processes: int | None = None
+    inline: bool = True
+    """Whether a short scan (``runs_inline``) may sweep on the event loop's own thread: not
+    when that loop is shared by the scans of a threads-pool worker."""
+    max_inflight: int | None = None
+    """Most connects in flight for one scan whatever its ``max_concurrent``: a threads-pool
+    process's scans share its open-file limit."""
 
 
 class HostReport(NamedTuple):
@@ -148,11 +156,31 @@ def probe_limits(settings: Settings) -> ProbeLimits:
     whole node, every scan it runs at once together: each of its scan slots (processes, or
     threads) gets an equal share, at least one probe a second."""
     ceiling = settings.probe_rate_ceiling
+    shared = settings.worker_pool == "threads"
     return ProbeLimits(
         rate_ceiling=max(1.0, ceiling / settings.worker_concurrency) if ceiling else None,
         min_timeout=settings.probe_min_timeout,
         tarpit_min_open=settings.tarpit_min_open,
+        inline=not shared,
+        max_inflight=open_files_share(settings.worker_concurrency) if shared else None,
     )
+
+
+PROCESS_FDS = 256
+"""Descriptors a threads-pool process keeps for itself: pools, Redis, pipes, logs."""
+
+
+def open_files_share(scans: int) -> int:
+    """Connects in flight each of ``scans`` scans of one process may hold."""
+    soft, _hard = getrlimit(RLIMIT_NOFILE)
+    return max(1, (soft - PROCESS_FDS) // max(1, scans))
+
+
+def _inflight(config: ProbeConfig, limits: ProbeLimits) -> int:
+    wanted = config.max_concurrent
+    if limits.max_inflight is not None:
+        wanted = min(wanted, limits.max_inflight)
+    return effective_concurrency(wanted)
 
 
 def hosts_results(found: HostsResult | None) -> dict[str, Any]:
@@ -233,7 +261,7 @@ def discover_blocking(
         addresses,
         timeout=config.timeout,
         retries=config.retries,
-        inflight=effective_concurrency(config.max_concurrent),
+        inflight=_inflight(config, limits),
         min_timeout=_min_timeout(config, limits),
         bucket=TokenBucket(rate, time.monotonic()) if rate else None,
         stop=stop,
@@ -270,7 +298,7 @@ def scan_hosts_blocking(
     """``scan_hosts`` without the event loop: blocks the calling thread, calls back in it."""
 
     rate = effective_rate(config, limits)
-    concurrency = effective_concurrency(config.max_concurrent)
+    concurrency = _inflight(config, limits)
     min_timeout = _min_timeout(config, limits)
     states = (
         dict(known)
@@ -377,7 +405,7 @@ async def scan_hosts(
     ``progress_interval`` seconds within a tier, and once at the end. Cancelling the call
     stops the probe thread and probe processes within ~0.1 s.
     """
-    if runs_inline(addresses, ports, config, limits):
+    if limits.inline and runs_inline(addresses, ports, config, limits):
         return scan_hosts_blocking(
             addresses, ports, config, limits=limits, on_progress=on_progress, known=known
         )
