@@ -25,6 +25,7 @@ from api_service.ui import ui_routes
 from api_service.ui.session import SessionCookies, stored_secret
 from shared.keys import KeyStore
 from shared.policy import TargetPolicy
+from shared.retry import async_redis_retry
 from shared.schedule_store import ScheduleStore
 from shared.settings import Settings
 from shared.store import ScanStore, create_pool
@@ -71,7 +72,10 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, max_size=settings.db_pool_size)
         redis = aioredis.Redis.from_url(
-            settings.redis_url, socket_timeout=3.0, socket_connect_timeout=1.0
+            settings.redis_url,
+            socket_timeout=3.0,
+            socket_connect_timeout=1.0,
+            retry=async_redis_retry(),
         )
         # Event streams block on XREAD: their own pool, so they never hold the limiter's.
         stream_redis = aioredis.Redis.from_url(
@@ -79,6 +83,7 @@ def create_app(settings: Settings) -> Starlette:
             socket_timeout=3.0,
             socket_connect_timeout=1.0,
             max_connections=settings.max_event_streams + 4,
+            retry=async_redis_retry(),
         )
         publisher = AmqpPublisher(settings)
         await publisher.start()

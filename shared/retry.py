@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import asyncpg
+from redis.asyncio.retry import Retry as AsyncRedisRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry as RedisRetry
 
 from shared.errors import TransientError
 
@@ -111,3 +114,20 @@ async def retry(
                 raise
             log.warning("%s failed (%r), retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
+
+
+REDIS_RETRIES = 1
+"""How often a Redis command is tried again, at once, on a fresh connection: one pooled
+connection that a Redis restart closed costs one retry. redis-py 8's default for a client
+made from a URL (10 retries with backoff) turns a stopped Redis into seconds per call and one
+that accepts and hangs into eleven socket timeouts, on every request of the gateway."""
+
+
+def redis_retry() -> RedisRetry:
+    """The retry of every synchronous Redis client this project makes from a URL."""
+    return RedisRetry(NoBackoff(), REDIS_RETRIES)
+
+
+def async_redis_retry() -> AsyncRedisRetry:
+    """The retry of every asyncio Redis client this project makes from a URL."""
+    return AsyncRedisRetry(NoBackoff(), REDIS_RETRIES)

@@ -86,6 +86,7 @@ class Runtime(Protocol):
 
     settings: Settings
     policy: TargetPolicy
+    lookups: asyncio.Semaphore
 
     async def store(self) -> ScanStore: ...
 
@@ -235,7 +236,9 @@ async def deliver_scan(
     try:
         # A schedule's own exclusions ride in the payload: deny entries on top of the policy.
         policy = runtime.policy.excluding(job.exclude)
-        addresses = await resolve_target(target, policy, timeout=settings.resolve_timeout)
+        addresses = await resolve_target(
+            target, policy, timeout=settings.resolve_timeout, lookups=runtime.lookups
+        )
     except PermanentError as exc:
         return Failed(str(exc)), row
     if target.kind == "hostname":

@@ -18,7 +18,7 @@ import redis
 from celery.signals import worker_ready, worker_shutdown
 
 from shared.reaper import REAPED, Reaped, reap
-from shared.retry import DATABASE_ERRORS
+from shared.retry import DATABASE_ERRORS, redis_retry
 from shared.settings import Settings
 from shared.store import create_pool
 from worker_service.backend import ScanResultBackend
@@ -54,7 +54,10 @@ class Reaper:
     def _run(self) -> None:
         # A daemon thread with a loop per pass: nothing here may hold up the worker's exit.
         client = redis.Redis.from_url(
-            self.settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+            self.settings.redis_url,
+            socket_timeout=1.0,
+            socket_connect_timeout=1.0,
+            retry=redis_retry(),
         )
         try:
             while True:

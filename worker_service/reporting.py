@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -26,6 +27,22 @@ REDIS_BACKOFF = 5.0
 """Seconds progress writes are skipped after Redis failed: scans go on without it."""
 
 
+class RedisGate:
+    """Whether Redis is worth a try: after a failure, writes are skipped for ``REDIS_BACKOFF``
+    seconds. One per process, shared by its scans' event logs: a Redis that hangs then costs
+    the process one socket timeout per backoff, not one per scan and write."""
+
+    def __init__(self) -> None:
+        self.down_until = 0.0
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    def failed(self) -> None:
+        self.down_until = time.monotonic() + REDIS_BACKOFF
+
+
 class EventLog:
     """Writes to one scan's event stream; a Redis outage costs progress, never the scan.
 
@@ -42,6 +59,7 @@ class EventLog:
         task_id: str,
         ttl: int,
         writer: Executor | None = None,
+        gate: RedisGate | None = None,
     ) -> None:
         self.client = client
         self.prefix = prefix
@@ -49,12 +67,14 @@ class EventLog:
         self.task_id = task_id
         self.ttl = ttl
         self.writer = writer
-        self.down_until = 0.0
+        self.gate = gate if gate is not None else RedisGate()
         self._held: list[tuple[EventKind, object]] = []
+        self._latest_lock = threading.Lock()
+        self._latest: Callable[[], object] | None = None
 
     @property
     def available(self) -> bool:
-        return time.monotonic() >= self.down_until
+        return self.gate.available
 
     def post(self, call: Callable[[], object]) -> None:
         """Run ``call`` now, or with a writer on its thread, after every call posted before."""
@@ -65,6 +85,25 @@ class EventLog:
             self.writer.submit(contextvars.copy_context().run, self._logged, call)
         except RuntimeError:  # the writer is shut down: the process is stopping
             log.warning("scan %s: Redis write dropped, the worker is stopping", self.task_id)
+
+    def post_latest(self, call: Callable[[], object]) -> None:
+        """:meth:`post` for progress, of which only the newest matters: a call still waiting
+        for the writer when another comes is replaced by it, so a slow Redis never lets a
+        scan's progress writes pile up."""
+        if self.writer is None:
+            call()
+            return
+        with self._latest_lock:
+            waiting = self._latest is not None
+            self._latest = call
+        if not waiting:
+            self.post(self._run_latest)
+
+    def _run_latest(self) -> None:
+        with self._latest_lock:
+            call, self._latest = self._latest, None
+        if call is not None:
+            call()
 
     def _logged(self, call: Callable[[], object]) -> None:
         try:
@@ -89,7 +128,7 @@ class EventLog:
                 pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("scan %s: progress not written, Redis unavailable: %r", self.task_id, exc)
-            self.down_until = time.monotonic() + REDIS_BACKOFF
+            self.gate.failed()
             if release is not None:
                 self._release(release)  # its own chance: the pipeline may have failed before it
             return False
@@ -113,12 +152,15 @@ class EventLog:
         self.post(partial(self._hold_slot, owner, seconds))
 
     def _hold_slot(self, owner: Any, seconds: float) -> None:
+        if not self.available:
+            return  # the gateway's own expiry of the slot stands
         try:
             self.client.zadd(
                 active_key(self.prefix, owner), {self.task_id: time.time() + seconds}, xx=True
             )
         except (RedisError, OSError) as exc:
             log.warning("scan %s: active slot not renewed: %r", self.task_id, exc)
+            self.gate.failed()
 
     def _release(self, owner: Any) -> None:
         try:
@@ -164,7 +206,7 @@ class ProgressReporter:
         self._announced = len(self.open_ports)
 
     def _send(self, progress: ScanProgress) -> None:
-        self.events.post(partial(self._deliver, progress))
+        self.events.post_latest(partial(self._deliver, progress))
 
     def _deliver(self, progress: ScanProgress) -> None:
         if self.events.write(("progress", progress.model_dump(mode="json"))):

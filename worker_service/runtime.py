@@ -28,8 +28,10 @@ from typing import Any, TypeVar
 import redis
 
 from shared.policy import TargetPolicy
+from shared.retry import redis_retry
 from shared.settings import Settings
 from shared.store import ScanStore, create_pool
+from worker_service.reporting import RedisGate
 from worker_service.watchdog import Watchdog
 
 T = TypeVar("T")
@@ -52,6 +54,14 @@ def executor_threads(concurrency: int) -> int:
     """Threads of a threads-pool process's default executor: every scan's sweep or discovery
     at once, with room for host-name lookups a timeout gave up on (they hold theirs)."""
     return 2 * concurrency + 4
+
+
+def lookup_slots(settings: Settings) -> int:
+    """Host-name lookups one process runs at once (threads: half its scans, so a resolver
+    that hangs can hold at most that many of the executor's threads)."""
+    if settings.worker_pool == "threads":
+        return max(1, settings.worker_concurrency // 2)
+    return 1
 
 
 def pool_sizes(settings: Settings) -> tuple[int, int]:
@@ -89,6 +99,11 @@ class WorkerRuntime:
         self._redis: redis.Redis | None = None
         self._redis_lock = threading.Lock()
         self._running: set[asyncio.Task[Any]] = set()
+        self.redis_gate = RedisGate()
+        """Shared by every scan's event log: one Redis failure pauses them all (backoff)."""
+        self.lookups = asyncio.Semaphore(lookup_slots(settings))
+        """Host-name lookups in flight: each holds an executor thread until the resolver
+        answers, so they are bounded below what the sweeps need."""
         self.beat = time.monotonic()
         """When the loop last ran its beat (threads: every second); its age is the loop's lag."""
         self.executor: ThreadPoolExecutor | None = None
@@ -122,7 +137,10 @@ class WorkerRuntime:
         with self._redis_lock:
             if self._redis is None:
                 self._redis = redis.Redis.from_url(
-                    self.settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+                    self.settings.redis_url,
+                    socket_timeout=1.0,
+                    socket_connect_timeout=1.0,
+                    retry=redis_retry(),
                 )
             return self._redis
 

@@ -16,6 +16,7 @@ the merge lists every address, the down ones as discovery found them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ from worker_service.plan import known_states, shard_payload
 from worker_service.probe.identify import ServiceInfo
 from worker_service.probe.runner import ScanProgressEvent, hosts_results, probe_limits
 from worker_service.reporting import PROGRESS_INTERVAL, EventLog
+
+log = logging.getLogger(__name__)
 
 
 class ShardFindings(BaseModel):
@@ -128,17 +131,21 @@ class ShardProgress:
             return
         self.last_sent = now
         done = self.base + event.ports_scanned
-        self.events.post(partial(self._deliver, done, event.tier, list(self.open)))
+        self.events.post_latest(partial(self._deliver, done, event.tier, list(self.open)))
 
     def _deliver(self, done: int, tier: str, found: list[tuple[str, int]]) -> None:
         """The Redis side of a progress event, where the scan's writes run (``post``)."""
+        if not self.events.available:
+            return
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 pipe.hset(self.key, str(self.index), orjson.dumps({"done": done, "tier": tier}))
                 pipe.expire(self.key, self.events.ttl)
                 pipe.hvals(self.key)
                 shards = pipe.execute()[-1]
-        except (RedisError, OSError):
+        except (RedisError, OSError) as exc:
+            log.warning("scan %s: shard progress not written: %r", self.events.task_id, exc)
+            self.events.gate.failed()
             return
         scanned = sum(orjson.loads(raw)["done"] for raw in shards)
         progress = ScanProgress(

@@ -251,6 +251,7 @@ def _start(task: Task[Any, Any], scan_task_id: str) -> tuple[WorkerRuntime, Deli
         scan_task_id,
         settings.result_ttl,
         writer=runtime.writer,
+        gate=runtime.redis_gate,
     )
     return runtime, delivery, events
 

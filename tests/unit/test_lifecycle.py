@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -196,6 +197,7 @@ class FakeRuntime:
     policy: TargetPolicy = field(
         default_factory=lambda: TargetPolicy(("127.0.0.0/8",), ("127.0.0.66",))
     )
+    lookups: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
 
     async def store(self) -> ScanStore:
         return cast(ScanStore, self.fake)
