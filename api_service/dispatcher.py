@@ -102,6 +102,7 @@ class Dispatcher:
         published = await self.schedules.publish_pending(
             functools.partial(publish_or_leave, self.publisher),
             max_seconds=self.settings.max_scan_seconds,
+            margin=self.settings.hard_limit_margin,
         )
         events = await self.webhooks.collect_events()
         deliveries = await self.sender.deliver_due(self.webhooks, now)

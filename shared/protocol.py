@@ -51,7 +51,12 @@ HARD_LIMIT_MARGIN: Final = 30
 
 
 def time_limits(
-    payload: ScanTaskPayload, port_count: int, host_count: int = 1, *, cap: int = 1500
+    payload: ScanTaskPayload,
+    port_count: int,
+    host_count: int = 1,
+    *,
+    cap: int = 1500,
+    margin: int = HARD_LIMIT_MARGIN,
 ) -> tuple[int, int]:
     """(hard, soft) seconds for a scan: its worst case with every port filtered (each probe
     sent 1 + retries times, paced to its rate), its host discovery, plus slack for
@@ -70,7 +75,7 @@ def time_limits(
             3 * host_count * sends / config.rate if config.rate else 0
         )
     soft = min(cap, int(60 + 2 * worst))
-    return soft + HARD_LIMIT_MARGIN, soft
+    return soft + margin, soft
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +105,13 @@ def build_scan_message(
     host_count: int = 1,
     origin: str | None = None,
     max_seconds: int = 1500,
+    margin: int = HARD_LIMIT_MARGIN,
 ) -> TaskMessage:
     """A Celery message protocol v2 message running ``SCAN_TASK(payload)``."""
     args = [payload.model_dump(mode="json")]
     kwargs: dict[str, Any] = {}
     embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-    hard, soft = time_limits(payload, port_count, host_count, cap=max_seconds)
+    hard, soft = time_limits(payload, port_count, host_count, cap=max_seconds, margin=margin)
     tid = str(task_id)
     headers: dict[str, Any] = {
         "lang": "py",

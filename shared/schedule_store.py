@@ -22,7 +22,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from shared.ports import count_ports, parse_port_ranges
-from shared.protocol import TaskMessage, build_scan_message
+from shared.protocol import HARD_LIMIT_MARGIN, TaskMessage, build_scan_message
 from shared.schedules import (
     TIMING_FIELDS,
     Refusal,
@@ -377,6 +377,7 @@ class ScheduleStore:
         publish: Callable[[TaskMessage], Awaitable[bool]],
         *,
         max_seconds: int,
+        margin: int = HARD_LIMIT_MARGIN,
         limit: int = 100,
         only: Sequence[UUID] | None = None,
     ) -> int:
@@ -397,7 +398,7 @@ class ScheduleStore:
             for record in records:
                 # A scan cancelled before its message left needs none.
                 if record["state"] == "queued" and not await publish(
-                    scan_message(record, max_seconds)
+                    scan_message(record, max_seconds, margin)
                 ):
                     break
                 await conn.execute(
@@ -433,7 +434,9 @@ async def _locked(conn: Conn, owner: UUID, schedule_id: UUID) -> asyncpg.Record 
     )
 
 
-def scan_message(record: asyncpg.Record, max_seconds: int) -> TaskMessage:
+def scan_message(
+    record: asyncpg.Record, max_seconds: int, margin: int = HARD_LIMIT_MARGIN
+) -> TaskMessage:
     """The task message of a recorded scan; ``record`` carries its schedule's ``exclude``."""
     exclude = tuple(record["exclude"])
     payload = ScanTaskPayload(
@@ -455,5 +458,6 @@ def scan_message(record: asyncpg.Record, max_seconds: int) -> TaskMessage:
         port_count=count_ports(parse_port_ranges(record["ports"])),
         host_count=hosts,
         max_seconds=max_seconds,
+        margin=margin,
         origin=None,
     )

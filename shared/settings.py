@@ -105,9 +105,12 @@ class Settings(BaseSettings):
     max_active_scans: int = Field(default=10, ge=1)
     """Scans one API key may have queued or running at once."""
     max_scan_seconds: int = Field(default=1500, ge=5)
-    """Soft time limit cap of one scan task; the hard limit is 30 s more. Keep the hard limit
-    below RabbitMQ's consumer_timeout (30 min by default), which would otherwise close the
-    channel of a worker still holding the unacknowledged message."""
+    """Soft time limit cap of one scan task; the hard limit is ``hard_limit_margin`` more. Keep
+    the hard limit below RabbitMQ's consumer_timeout (30 min by default), which would otherwise
+    close the channel of a worker still holding the unacknowledged message."""
+    hard_limit_margin: int = Field(default=30, ge=5, le=600)
+    """Seconds from a task's soft time limit to its hard one: the time its final writes get
+    (retried while PostgreSQL is away) before the hard limit ends the process running it."""
     db_retry_seconds: float = Field(default=300.0, ge=1)
     """How long a worker keeps retrying a PostgreSQL write (backoff with jitter) before
     handing the task back for a later retry; the result is readable from Redis meanwhile."""

@@ -19,7 +19,7 @@ import redis
 from shared.errors import PermanentError
 from shared.policy import TargetPolicy
 from shared.ports import format_port_spec, parse_port_spec
-from shared.protocol import HARD_LIMIT_MARGIN, MAX_DELIVERIES, time_limits
+from shared.protocol import MAX_DELIVERIES, time_limits
 from shared.resolve import resolve_target
 from shared.retry import TRANSIENT_ERRORS, retry
 from shared.schemas import (
@@ -331,12 +331,18 @@ def shard_limits(
     its share of the rate."""
     addresses, ports = shard
     own = shard_payload(job, shards)
-    return time_limits(own, len(ports), len(addresses), cap=settings.max_scan_seconds)
+    return time_limits(
+        own,
+        len(ports),
+        len(addresses),
+        cap=settings.max_scan_seconds,
+        margin=settings.hard_limit_margin,
+    )
 
 
 def merge_limits(settings: Settings) -> tuple[int, int]:
     """(hard, soft) seconds of a sharded scan's merge (identification of its open ports)."""
-    return settings.merge_time_limit + HARD_LIMIT_MARGIN, settings.merge_time_limit
+    return settings.merge_time_limit + settings.hard_limit_margin, settings.merge_time_limit
 
 
 def sharded_reap_seconds(job: ScanTaskPayload, plan: list[Shard], settings: Settings) -> float:
@@ -344,7 +350,7 @@ def sharded_reap_seconds(job: ScanTaskPayload, plan: list[Shard], settings: Sett
     the wait of a continuation in the queue (behind the task a worker process is running),
     plus the retry budget."""
     hard = sum(shard_limits(job, shard, settings, len(plan))[0] for shard in plan)
-    wait = queue_wait_seconds(settings.max_scan_seconds)
+    wait = queue_wait_seconds(settings.max_scan_seconds, settings.hard_limit_margin)
     return hard + merge_limits(settings)[0] + wait + retry_budget(settings.db_retry_seconds)
 
 

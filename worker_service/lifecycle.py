@@ -33,10 +33,10 @@ WRITE_MARGIN_SECONDS = 5.0
 """The last writes of a delivery end this long before its hard limit kills the process."""
 
 
-def queue_wait_seconds(max_scan_seconds: float) -> float:
+def queue_wait_seconds(max_scan_seconds: float, margin: float = HARD_LIMIT_MARGIN) -> float:
     """Longest a scan's continuation (a shard, a merge, published at the top priority) waits
     in the queue: until one worker process ends the longest task it may be running."""
-    return max_scan_seconds + HARD_LIMIT_MARGIN
+    return max_scan_seconds + margin
 
 
 def retry_budget(db_retry_seconds: float) -> float:

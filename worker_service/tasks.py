@@ -21,7 +21,6 @@ from redis.exceptions import RedisError
 
 from shared.ports import parse_port_spec
 from shared.protocol import (
-    HARD_LIMIT_MARGIN,
     MAX_PRIORITY,
     MERGE_TASK,
     PRIORITIES,
@@ -178,9 +177,8 @@ class TaskEnding:
         self.owner = owner
         self.deadline = delivery.write_deadline(runtime.settings.db_retry_seconds)
         settings = runtime.settings
-        self.reap_seconds = queue_wait_seconds(settings.max_scan_seconds) + delivery.reap_seconds(
-            settings.db_retry_seconds
-        )
+        wait = queue_wait_seconds(settings.max_scan_seconds, settings.hard_limit_margin)
+        self.reap_seconds = wait + delivery.reap_seconds(settings.db_retry_seconds)
 
     async def write(self, call: Write) -> bool:
         try:
@@ -237,7 +235,7 @@ def _limits(task: Task[Any, Any], settings: Settings) -> tuple[float, float]:
     """(soft, hard) seconds of this delivery, from its message."""
     limits = task.request.timelimit or (None, None)
     soft = float(limits[1] or settings.max_scan_seconds)
-    return soft, float(limits[0] or soft + HARD_LIMIT_MARGIN)
+    return soft, float(limits[0] or soft + settings.hard_limit_margin)
 
 
 def _start(task: Task[Any, Any], scan_task_id: str) -> tuple[WorkerRuntime, Delivery, EventLog]:

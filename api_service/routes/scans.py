@@ -189,6 +189,7 @@ async def submit_scan(request: Request) -> Response:
         port_count=parsed.port_count,
         host_count=parsed.hosts,
         max_seconds=svc.settings.max_scan_seconds,
+        margin=svc.settings.hard_limit_margin,
     )
     try:
         await svc.publisher.publish(message)

@@ -191,9 +191,14 @@ def test_database_outage_while_scans_finish(
 
 @pytest.fixture(scope="module")
 def short_stack(settings: Settings, run_dir: Path, database: str) -> Iterator[Stack]:
-    """Scans with a 5 s soft time limit (hard: 35 s), and a database retry far longer."""
+    """Scans with a 5 s soft time limit (hard: 15 s), and a database retry far longer."""
     with fault_stack(
-        settings, run_dir, "faults-short", max_scan_seconds=5, db_retry_seconds=120
+        settings,
+        run_dir,
+        "faults-short",
+        max_scan_seconds=5,
+        hard_limit_margin=10,
+        db_retry_seconds=120,
     ) as created:
         yield created
 
@@ -223,8 +228,8 @@ def test_database_outage_longer_than_the_time_limit(
     handed_back = "database unavailable while storing the result; retrying in"
     with services.outage(services.stop_postgres, services.start_postgres):
         # The database stays away past the soft limit (5 s) until the delivery has handed the
-        # message back, which must come before its hard limit (35 s) would have killed it.
-        deadline = time.monotonic() + 45
+        # message back, which must come before its hard limit (15 s) would have killed it.
+        deadline = time.monotonic() + 25
         while handed_back not in worker.output() and time.monotonic() < deadline:
             time.sleep(0.5)
     assert handed_back in worker.output(), worker.output()[-4000:]
