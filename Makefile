@@ -33,11 +33,12 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# Engine vs nmap inside a private network namespace and on a lab network (root), then the
-# service against its peers.
+# Engine vs nmap inside a private network namespace and on a lab network (root), the threads
+# pool against prefork on the lab, then the service against its peers.
 bench: install
 	$(PY) -m bench.scan_bench
 	$(PY) -m bench.network_bench
+	$(PY) -m bench.pool_bench
 	$(PY) -m bench.service_bench
 
 chart-test: install

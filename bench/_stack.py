@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,14 +221,23 @@ class Stack:
         await wait_http(child, f"http://127.0.0.1:{settings.api_port}/readyz", 200)
         return child
 
-    async def start_worker(self, concurrency: int = 2) -> Child:
-        heartbeat = Path(self.settings.heartbeat_file)
+    async def start_worker(
+        self,
+        concurrency: int = 2,
+        *,
+        settings: Settings | None = None,
+        wrap: Sequence[str] = (),
+    ) -> Child:
+        """A worker node of ``concurrency`` slots with ``settings`` (the stack's by default),
+        its command behind ``wrap`` (e.g. a lab's ``ip netns exec``); returns once it beats."""
+        settings = settings or self.settings
+        heartbeat = Path(settings.heartbeat_file)
         await asyncio.to_thread(heartbeat.unlink, missing_ok=True)
-        child = self.start(
-            f"worker-c{concurrency}",
-            ["-m", "worker_service", f"--concurrency={concurrency}", "--without-mingle"],
-            settings_env(self.settings),
-        )
+        name = f"worker-{settings.worker_pool}-c{concurrency}"
+        args = [sys.executable, "-m", "worker_service", f"--concurrency={concurrency}"]
+        args = [*wrap, *args, "--without-mingle"]
+        child = Child(name, args, settings_env(settings), self.dir / f"{name}.log")
+        self.children.append(child)
         deadline = time.monotonic() + 60
         while not await asyncio.to_thread(heartbeat.exists):
             if not child.alive() or time.monotonic() > deadline:

@@ -24,13 +24,12 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench._deadline import BenchTimeout, Deadline
-from bench._stack import Child, Stack, settings_env, wait_http
+from bench._stack import Stack, wait_http
 from tests.support.lab import BLOCK, Lab, LabSpec, lab
 
 Pair = tuple[str, int]
@@ -133,20 +132,7 @@ class Service:
         stack.settings = stack.settings.model_copy(update=update)
         await stack.setup()
         await stack.start_api()
-        heartbeat = Path(stack.settings.heartbeat_file)
-        await asyncio.to_thread(heartbeat.unlink, missing_ok=True)
-        worker = Child(
-            "worker-lab",
-            [*self.net.wrap(), sys.executable, "-m", "worker_service", "--concurrency=2"],
-            settings_env(stack.settings),
-            stack.dir / "worker-lab.log",
-        )
-        stack.children.append(worker)
-        deadline = time.monotonic() + 60
-        while not await asyncio.to_thread(heartbeat.exists):
-            if not worker.alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start:\n{worker.output()}")
-            await asyncio.sleep(0.05)
+        worker = await stack.start_worker(2, wrap=self.net.wrap())
         await wait_http(worker, f"{stack.api_url}/readyz", 200)
 
     def __call__(

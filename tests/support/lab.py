@@ -8,7 +8,7 @@ namespace counts inbound SYNs (to any address of the block), drops filtered port
 optionally, a random share of SYNs (``numgen random mod 100 < N``). ``bridge()`` makes
 PostgreSQL, Redis and RabbitMQ of the host reachable on 127.0.0.1 inside the scanner
 namespace, through Unix sockets and socat, so a real worker can run there. Used by tests/lab
-and bench/network_bench.py.
+and bench/network_bench.py, bench/pool_bench.py.
 """
 
 from __future__ import annotations
