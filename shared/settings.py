@@ -216,9 +216,10 @@ class Settings(BaseSettings):
 
     # Network scanning (issue 15): pacing, timing floor and tarpit detection of the engine.
     probe_rate_ceiling: int = Field(default=0, ge=0)
-    """Most probes per second this worker node sends, all the scans it runs at once together,
-    whatever their ``config.rate``: each of its ``worker_concurrency`` scan slots gets an equal
-    share (0: no ceiling beyond each scan's own rate)."""
+    """Most probes per second one scan task (a scan, or one shard of a large one) sends,
+    whatever its ``config.rate`` (0: no ceiling beyond the scan's own rate). A worker node
+    running N tasks at once sends at most N times it. The gateway and the dispatcher read it
+    too: a scan's time limits are computed at the capped rate."""
     probe_min_timeout: float = Field(default=0.1, gt=0, le=30)
     """Shortest per-host probe timeout, however fast the host answers (nmap -T4: 0.1 s)."""
     tarpit_min_open: int = Field(default=16, ge=1)

@@ -90,24 +90,6 @@ def test_worker_settings_become_probe_limits() -> None:
 
     assert probe_limits(Settings()).rate_ceiling is None  # 0: no ceiling
     limits = probe_limits(
-        Settings(
-            probe_rate_ceiling=300, probe_min_timeout=0.2, tarpit_min_open=5, worker_concurrency=1
-        )
+        Settings(probe_rate_ceiling=300, probe_min_timeout=0.2, tarpit_min_open=5)
     )
     assert limits == ProbeLimits(rate_ceiling=300, min_timeout=0.2, tarpit_min_open=5)
-
-
-def test_the_rate_ceiling_bounds_the_node_its_slots_share_it() -> None:
-    from shared.settings import Settings
-    from worker_service.probe.runner import probe_limits
-
-    slots = 4
-    share = probe_limits(Settings(probe_rate_ceiling=300, worker_concurrency=slots)).rate_ceiling
-    assert share == 75
-    # Every slot running a scan as fast as its share allows stays within the node's ceiling.
-    fastest = effective_rate(ScanConfig(rate=10_000), ProbeLimits(rate_ceiling=share))
-    assert fastest is not None
-    assert fastest * slots <= 300
-    # A slot always gets a probe a second, however many slots share a small ceiling.
-    tiny = probe_limits(Settings(probe_rate_ceiling=2, worker_concurrency=16)).rate_ceiling
-    assert tiny == 1

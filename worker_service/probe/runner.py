@@ -103,8 +103,7 @@ class ProbeLimits(NamedTuple):
     """What the worker's settings impose on every scan's probing."""
 
     rate_ceiling: float | None = None
-    """Most probes per second of any one scan on this worker: its slot's share of the node's
-    ceiling (None: no ceiling)."""
+    """Most probes per second of any one scan on this worker (None: no ceiling)."""
     min_timeout: float = MIN_TIMEOUT
     tarpit_min_open: int = 16
     """A host with at least this many open ports, and open on 90% of the ports probed so far,
@@ -152,13 +151,11 @@ class HostsResult(NamedTuple):
 
 
 def probe_limits(settings: Settings) -> ProbeLimits:
-    """The worker settings' limits on probing. ``CYBERSEC_PROBE_RATE_CEILING`` bounds the
-    whole node, every scan it runs at once together: each of its scan slots (processes, or
-    threads) gets an equal share, at least one probe a second."""
-    ceiling = settings.probe_rate_ceiling
+    """The worker settings' limits on probing: ``CYBERSEC_PROBE_RATE_CEILING`` caps every
+    scan's rate (a node running N scans sends at most N times it)."""
     shared = settings.worker_pool == "threads"
     return ProbeLimits(
-        rate_ceiling=max(1.0, ceiling / settings.worker_concurrency) if ceiling else None,
+        rate_ceiling=settings.probe_rate_ceiling or None,
         min_timeout=settings.probe_min_timeout,
         tarpit_min_open=settings.tarpit_min_open,
         inline=not shared,
