@@ -25,7 +25,7 @@ from api_service.publisher import AmqpPublisher, PublishFailed, TaskPublisher
 from api_service.webhook_sender import WebhookSender
 from shared.logging import configure_logging
 from shared.policy import TargetPolicy
-from shared.protocol import TaskMessage
+from shared.protocol import LimitPolicy, TaskMessage
 from shared.retry import DATABASE_ERRORS as DB_ERRORS
 from shared.schedule_store import FiredRun, ScheduleStore
 from shared.schedules import Refusal, Schedule, ScheduleCreate, check_schedule
@@ -101,8 +101,7 @@ class Dispatcher:
             )
         published = await self.schedules.publish_pending(
             functools.partial(publish_or_leave, self.publisher),
-            max_seconds=self.settings.max_scan_seconds,
-            margin=self.settings.hard_limit_margin,
+            limits=LimitPolicy.of(self.settings),
         )
         events = await self.webhooks.collect_events()
         deliveries = await self.sender.deliver_due(self.webhooks, now)

@@ -10,11 +10,13 @@ from uuid import UUID, uuid4
 import aio_pika
 from aio_pika.abc import AbstractChannel
 
-from shared.protocol import TaskMessage, build_scan_message, queue_arguments
+from shared.protocol import LimitPolicy, TaskMessage, build_scan_message, queue_arguments
 from shared.schemas import Priority, ScanConfig, ScanTaskPayload
+from shared.settings import Settings
 from shared.store import ScanStore
 
 BENCH_ORIGIN = "bench@localhost"
+BENCH_LIMITS = LimitPolicy.of(Settings())
 
 
 def amqp_message(message: TaskMessage) -> aio_pika.Message:
@@ -113,7 +115,9 @@ async def publish_pipelined(
 def raw_scan_message(ports: str = "80") -> TaskMessage:
     """What the gateway publishes for one request: a fresh payload, built and encoded."""
     payload = scan_payload(ports)
-    return build_scan_message(uuid4(), payload, port_count=port_count(ports), origin=BENCH_ORIGIN)
+    return build_scan_message(
+        uuid4(), payload, port_count=port_count(ports), origin=BENCH_ORIGIN, limits=BENCH_LIMITS
+    )
 
 
 async def preload_scans(
@@ -145,7 +149,9 @@ async def preload_scans(
 
     await asyncio.gather(*(insert(p, t) for p, (_s, t) in zip(payloads, ids, strict=True)))
     messages = iter(
-        build_scan_message(t, p, port_count=port_count(ports), origin=BENCH_ORIGIN)
+        build_scan_message(
+            t, p, port_count=port_count(ports), origin=BENCH_ORIGIN, limits=BENCH_LIMITS
+        )
         for p, (_s, t) in zip(payloads, ids, strict=True)
     )
     sent, _seconds = await publish_pipelined(

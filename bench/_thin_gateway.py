@@ -21,13 +21,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api_service.publisher import AmqpPublisher
-from shared.protocol import build_scan_message
+from shared.protocol import LimitPolicy, build_scan_message
 from shared.schemas import ScanConfig, ScanTaskPayload
 from shared.settings import Settings, load_settings
 
 
 def create_app(settings: Settings) -> Starlette:
     publisher = AmqpPublisher(settings)
+    limits = LimitPolicy.of(settings)
 
     async def submit(request: Request) -> Response:
         data = orjson.loads(await request.body())
@@ -39,7 +40,7 @@ def create_app(settings: Settings) -> Starlette:
             priority=data.get("priority", "normal"),
             config=ScanConfig(),
         )
-        await publisher.publish(build_scan_message(task_id, payload, port_count=1))
+        await publisher.publish(build_scan_message(task_id, payload, port_count=1, limits=limits))
         body = orjson.dumps({"task_id": str(task_id), "status": "queued"})
         return Response(body, status_code=202, media_type="application/json")
 

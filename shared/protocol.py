@@ -14,6 +14,7 @@ from uuid import UUID
 
 from shared import codec
 from shared.schemas import Priority, ScanTaskPayload
+from shared.settings import Settings
 
 SCAN_TASK: Final = "cybersec.scan"
 SHARD_TASK: Final = "cybersec.scan_shard"
@@ -50,32 +51,57 @@ def queue_arguments(dead_letter_queue: str) -> dict[str, Any]:
 HARD_LIMIT_MARGIN: Final = 30
 
 
+@dataclass(frozen=True, slots=True)
+class LimitPolicy:
+    """The settings every scan's time limits follow from; the gateway, the dispatcher and the
+    workers must share them (the chart and compose give every service the same)."""
+
+    cap: int
+    """``CYBERSEC_MAX_SCAN_SECONDS``: the most a soft limit may be."""
+    margin: int
+    """``CYBERSEC_HARD_LIMIT_MARGIN``: from the soft limit to the hard one."""
+    rate_ceiling: int
+    """``CYBERSEC_PROBE_RATE_CEILING``: the workers' cap on a scan task's rate (0: none)."""
+
+    @classmethod
+    def of(cls, settings: Settings) -> LimitPolicy:
+        return cls(
+            settings.max_scan_seconds, settings.hard_limit_margin, settings.probe_rate_ceiling
+        )
+
+
+def paced_rate(rate: int | None, ceiling: int) -> int | None:
+    """Probes per second a scan of ``config.rate`` sends under the workers' ceiling (0: none);
+    None when nothing paces it."""
+    rates = [r for r in (rate, ceiling) if r]
+    return min(rates) if rates else None
+
+
 def time_limits(
     payload: ScanTaskPayload,
     port_count: int,
     host_count: int = 1,
     *,
-    cap: int = 1500,
-    margin: int = HARD_LIMIT_MARGIN,
+    policy: LimitPolicy,
 ) -> tuple[int, int]:
     """(hard, soft) seconds for a scan: its worst case with every port filtered (each probe
-    sent 1 + retries times, paced to its rate), its host discovery, plus slack for
-    identification and writes, capped so the hard limit stays under RabbitMQ's consumer
-    timeout (the gateway refuses a scan whose rate alone needs more than the cap)."""
+    sent 1 + retries times, paced to its rate capped by the workers' ceiling), its host
+    discovery, plus slack for identification and writes, capped so the hard limit stays under
+    RabbitMQ's consumer timeout (the gateway refuses a scan whose rate alone needs more than
+    the cap)."""
     config = payload.config
+    rate = paced_rate(config.rate, policy.rate_ceiling)
     pairs = port_count * host_count
     sends = 1 + config.retries
     rounds = -(-pairs // max(config.max_concurrent, 1))
     worst = rounds * config.timeout * sends
-    if config.rate:
-        worst = max(worst, pairs * sends / config.rate)
+    if rate:
+        worst = max(worst, pairs * sends / rate)
     if config.discovery or (config.discovery is None and host_count > 1):
         # Echoes to every host in parallel, each sent 1 + retries times, paced to the rate.
-        worst += config.timeout * sends + (
-            3 * host_count * sends / config.rate if config.rate else 0
-        )
-    soft = min(cap, int(60 + 2 * worst))
-    return soft + margin, soft
+        worst += config.timeout * sends + (3 * host_count * sends / rate if rate else 0)
+    soft = min(policy.cap, int(60 + 2 * worst))
+    return soft + policy.margin, soft
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,14 +130,13 @@ def build_scan_message(
     port_count: int,
     host_count: int = 1,
     origin: str | None = None,
-    max_seconds: int = 1500,
-    margin: int = HARD_LIMIT_MARGIN,
+    limits: LimitPolicy,
 ) -> TaskMessage:
     """A Celery message protocol v2 message running ``SCAN_TASK(payload)``."""
     args = [payload.model_dump(mode="json")]
     kwargs: dict[str, Any] = {}
     embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-    hard, soft = time_limits(payload, port_count, host_count, cap=max_seconds, margin=margin)
+    hard, soft = time_limits(payload, port_count, host_count, policy=limits)
     tid = str(task_id)
     headers: dict[str, Any] = {
         "lang": "py",

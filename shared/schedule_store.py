@@ -22,7 +22,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from shared.ports import count_ports, parse_port_ranges
-from shared.protocol import HARD_LIMIT_MARGIN, TaskMessage, build_scan_message
+from shared.protocol import LimitPolicy, TaskMessage, build_scan_message
 from shared.schedules import (
     TIMING_FIELDS,
     Refusal,
@@ -376,8 +376,7 @@ class ScheduleStore:
         self,
         publish: Callable[[TaskMessage], Awaitable[bool]],
         *,
-        max_seconds: int,
-        margin: int = HARD_LIMIT_MARGIN,
+        limits: LimitPolicy,
         limit: int = 100,
         only: Sequence[UUID] | None = None,
     ) -> int:
@@ -397,9 +396,7 @@ class ScheduleStore:
             )
             for record in records:
                 # A scan cancelled before its message left needs none.
-                if record["state"] == "queued" and not await publish(
-                    scan_message(record, max_seconds, margin)
-                ):
+                if record["state"] == "queued" and not await publish(scan_message(record, limits)):
                     break
                 await conn.execute(
                     "DELETE FROM scan_publish_outbox WHERE scan_id = $1", record["id"]
@@ -434,9 +431,7 @@ async def _locked(conn: Conn, owner: UUID, schedule_id: UUID) -> asyncpg.Record 
     )
 
 
-def scan_message(
-    record: asyncpg.Record, max_seconds: int, margin: int = HARD_LIMIT_MARGIN
-) -> TaskMessage:
+def scan_message(record: asyncpg.Record, limits: LimitPolicy) -> TaskMessage:
     """The task message of a recorded scan; ``record`` carries its schedule's ``exclude``."""
     exclude = tuple(record["exclude"])
     payload = ScanTaskPayload(
@@ -457,7 +452,6 @@ def scan_message(
         payload,
         port_count=count_ports(parse_port_ranges(record["ports"])),
         host_count=hosts,
-        max_seconds=max_seconds,
-        margin=margin,
+        limits=limits,
         origin=None,
     )

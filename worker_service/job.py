@@ -19,7 +19,7 @@ import redis
 from shared.errors import PermanentError
 from shared.policy import TargetPolicy
 from shared.ports import format_port_spec, parse_port_spec
-from shared.protocol import MAX_DELIVERIES, time_limits
+from shared.protocol import MAX_DELIVERIES, LimitPolicy, time_limits
 from shared.resolve import resolve_target
 from shared.retry import TRANSIENT_ERRORS, retry
 from shared.schemas import (
@@ -331,13 +331,7 @@ def shard_limits(
     its share of the rate."""
     addresses, ports = shard
     own = shard_payload(job, shards)
-    return time_limits(
-        own,
-        len(ports),
-        len(addresses),
-        cap=settings.max_scan_seconds,
-        margin=settings.hard_limit_margin,
-    )
+    return time_limits(own, len(ports), len(addresses), policy=LimitPolicy.of(settings))
 
 
 def merge_limits(settings: Settings) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from api_service.routes.common import (
 )
 from shared.errors import ResolutionFailed, TargetDenied
 from shared.logging import bind_scan
-from shared.protocol import build_scan_message
+from shared.protocol import LimitPolicy, build_scan_message
 from shared.resolve import resolve_target
 from shared.retry import DATABASE_ERRORS as DB_ERRORS
 from shared.schemas import (
@@ -188,8 +188,7 @@ async def submit_scan(request: Request) -> Response:
         payload,
         port_count=parsed.port_count,
         host_count=parsed.hosts,
-        max_seconds=svc.settings.max_scan_seconds,
-        margin=svc.settings.hard_limit_margin,
+        limits=LimitPolicy.of(svc.settings),
     )
     try:
         await svc.publisher.publish(message)

@@ -18,6 +18,7 @@ from api_service.errors import ApiError
 from api_service.requests import read_json, validate_model, validation_error
 from api_service.responses import ORJSONResponse
 from api_service.routes.common import caller, db_unavailable, services, uuid_param
+from shared.protocol import LimitPolicy
 from shared.retry import DATABASE_ERRORS as DB_ERRORS
 from shared.schedule_store import ScheduleBusy
 from shared.schedules import (
@@ -169,7 +170,7 @@ async def run_schedule_now(request: Request) -> Response:
     with contextlib.suppress(*DB_ERRORS):
         await svc.schedules.publish_pending(
             functools.partial(publish_or_leave, svc.publisher),
-            max_seconds=svc.settings.max_scan_seconds,
+            limits=LimitPolicy.of(svc.settings),
             only=[run.scan_id],
         )
     body = ScheduleRun(

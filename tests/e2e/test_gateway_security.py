@@ -22,7 +22,7 @@ import pytest
 from api_service.publisher import AmqpPublisher
 from bench._stack import settings_env
 from shared.keys import KeyStore, hash_key
-from shared.protocol import build_scan_message
+from shared.protocol import LimitPolicy, build_scan_message
 from shared.schemas import ScanConfig, ScanTaskPayload
 from shared.settings import Settings
 from shared.store import ScanStore
@@ -424,7 +424,9 @@ async def test_worker_refuses_a_denied_target_it_is_sent_directly(
     )
     publisher = AmqpPublisher(settings)
     try:
-        await publisher.publish(build_scan_message(task_id, payload, port_count=1))
+        await publisher.publish(
+            build_scan_message(task_id, payload, port_count=1, limits=LimitPolicy.of(settings))
+        )
     finally:
         await publisher.close()
     deadline = time.monotonic() + 30

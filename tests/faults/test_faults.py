@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from shared import codec
-from shared.protocol import build_scan_message
+from shared.protocol import LimitPolicy, build_scan_message
 from shared.schemas import ScanConfig, ScanTaskPayload
 from shared.settings import Settings
 from tests.conftest import (
@@ -280,7 +280,9 @@ async def _publish_raw(settings: Settings, body: bytes, content_type: str, task_
     connection = await aio_pika.connect(settings.broker_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        headers = build_scan_message(task_id, _payload(uuid4()), port_count=1).headers
+        headers = build_scan_message(
+            task_id, _payload(uuid4()), port_count=1, limits=LimitPolicy.of(settings)
+        ).headers
         await channel.default_exchange.publish(
             aio_pika.Message(
                 body=body,

@@ -15,10 +15,12 @@ from celery.result import AsyncResult
 from api_service.publisher import AmqpPublisher
 from shared import codec
 from shared.ports import parse_port_spec
-from shared.protocol import PRIORITIES, SCAN_TASK, build_scan_message
+from shared.protocol import PRIORITIES, SCAN_TASK, LimitPolicy, build_scan_message
 from shared.schemas import ScanConfig, ScanTaskPayload
 from shared.settings import Settings
 from shared.store import ScanStore
+
+LIMITS = LimitPolicy.of(Settings())
 
 
 @pytest.fixture
@@ -72,7 +74,9 @@ async def test_published_message_runs_on_a_celery_worker(
             scan_id=scan_id, target="127.0.0.1", ports=spec, config=config, priority="critical"
         )
         await record(store, payload, task_id)
-        message = build_scan_message(task_id, payload, port_count=len(parse_port_spec(spec)))
+        message = build_scan_message(
+            task_id, payload, port_count=len(parse_port_spec(spec)), limits=LIMITS
+        )
         assert message.headers["task"] == SCAN_TASK
         assert message.priority == PRIORITIES["critical"]
         await publisher.publish(message)
@@ -97,7 +101,7 @@ async def test_an_unforeseen_error_fails_the_scan_with_a_reason(
         scan_id=scan_id, target="127.0.0.1", ports="not ports", config=config, priority="high"
     )
     await record(store, payload, task_id, ports="1")
-    await publisher.publish(build_scan_message(task_id, payload, port_count=1))
+    await publisher.publish(build_scan_message(task_id, payload, port_count=1, limits=LIMITS))
 
     result: AsyncResult[dict[str, Any]] = AsyncResult(str(task_id), app=stock_celery)
     with pytest.raises(Exception, match="unexpected error"):
@@ -126,7 +130,7 @@ async def test_a_schedules_exclusions_are_denied_by_the_worker_itself(
         exclude=("127.0.0.0/30",),
     )
     await record(store, payload, task_id)
-    await publisher.publish(build_scan_message(task_id, payload, port_count=1))
+    await publisher.publish(build_scan_message(task_id, payload, port_count=1, limits=LIMITS))
 
     result: AsyncResult[dict[str, Any]] = AsyncResult(str(task_id), app=stock_celery)
     with pytest.raises(Exception, match=r"denied|not allowed"):

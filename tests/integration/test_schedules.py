@@ -19,7 +19,7 @@ import pytest
 from api_service.dispatcher import Dispatcher, ScheduleCheck
 from api_service.publisher import AmqpPublisher
 from shared.policy import TargetPolicy
-from shared.protocol import TaskMessage
+from shared.protocol import LimitPolicy, TaskMessage
 from shared.schedule_store import ScheduleStore
 from shared.schedules import Refusal, Schedule, ScheduleCreate, ScheduleUpdate
 from shared.schemas import ScanTaskPayload
@@ -284,7 +284,7 @@ async def test_a_run_carries_the_schedules_exclusions_to_the_worker(
         sent.append(message)
         return True
 
-    await store.publish_pending(publish, max_seconds=60, only=[fired[0].scan_id])
+    await store.publish_pending(publish, limits=LimitPolicy(60, 30, 0), only=[fired[0].scan_id])
     (args, _kwargs, _embed) = orjson.loads(sent[0].body)
     payload = ScanTaskPayload.model_validate(args[0])
     assert payload.version == 2

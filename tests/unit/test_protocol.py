@@ -11,12 +11,16 @@ from shared.protocol import (
     MAX_PRIORITY,
     PRIORITIES,
     SCAN_TASK,
+    LimitPolicy,
     build_scan_message,
     queue_arguments,
     time_limits,
 )
 from shared.redis_keys import result_key
 from shared.schemas import ScanConfig, ScanTaskPayload
+from shared.settings import Settings
+
+DEFAULTS = LimitPolicy.of(Settings())
 
 
 def payload(priority: str = "normal", **config: float) -> ScanTaskPayload:
@@ -34,7 +38,7 @@ def payload(priority: str = "normal", **config: float) -> ScanTaskPayload:
 def test_message_is_celery_protocol_v2() -> None:
     task_id = uuid4()
     job = payload("high")
-    message = build_scan_message(task_id, job, port_count=1000)
+    message = build_scan_message(task_id, job, port_count=1000, limits=DEFAULTS)
     body = codec.loads(message.body)
     assert len(body) == 3  # a two-element body kills a Celery worker
     args, kwargs, embed = body
@@ -77,8 +81,8 @@ def test_priorities_are_ordered_within_the_queue_maximum() -> None:
 
 
 def test_time_limits_grow_with_the_scan() -> None:
-    small = time_limits(payload(timeout=1.0, max_concurrent=500), 1000)
-    large = time_limits(payload(timeout=5.0, max_concurrent=10), 65535)
+    small = time_limits(payload(timeout=1.0, max_concurrent=500), 1000, policy=DEFAULTS)
+    large = time_limits(payload(timeout=5.0, max_concurrent=10), 65535, policy=DEFAULTS)
     assert small[0] > small[1]
     assert large[1] > small[1]
 
@@ -106,9 +110,21 @@ def test_codec_round_trips_through_kombu() -> None:
 def test_time_limits_count_retries_and_the_rate() -> None:
     """65,535 ports at 100 probes/s need 655 s at the least: a limit under that would fail
     every such scan; retries multiply the filtered worst case."""
-    paced = time_limits(payload(rate=100), 65535)
+    paced = time_limits(payload(rate=100), 65535, policy=DEFAULTS)
     assert paced[1] >= 655
     assert paced[0] > paced[1]
-    once = time_limits(payload(retries=0, max_concurrent=10), 1000)
-    thrice = time_limits(payload(retries=2, max_concurrent=10), 1000)
+    once = time_limits(payload(retries=0, max_concurrent=10), 1000, policy=DEFAULTS)
+    thrice = time_limits(payload(retries=2, max_concurrent=10), 1000, policy=DEFAULTS)
     assert thrice[1] >= 3 * (once[1] - 60)
+
+
+def test_time_limits_follow_the_workers_rate_ceiling() -> None:
+    """A scan with no rate of its own, or a faster one, is paced to the workers' ceiling: its
+    limits must allow for that pace, or it fails at them."""
+    ceiling = LimitPolicy(cap=1500, margin=30, rate_ceiling=100)
+    unpaced = time_limits(payload(), 20_000, policy=ceiling)
+    faster = time_limits(payload(rate=1000), 20_000, policy=ceiling)
+    assert unpaced == faster == time_limits(payload(rate=100), 20_000, policy=DEFAULTS)
+    assert unpaced[1] >= 20_000 * 3 / 100  # 600 s of pacing, under the 1500 s cap
+    slower = time_limits(payload(rate=50), 20_000, policy=ceiling)
+    assert slower == time_limits(payload(rate=50), 20_000, policy=DEFAULTS)

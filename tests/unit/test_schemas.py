@@ -59,3 +59,13 @@ def test_a_rate_too_low_for_the_time_bound_is_refused_naming_it() -> None:
     assert refused.value.field == "config.rate"
     fast = request.model_copy(update={"config": request.config.model_copy(update={"rate": 100})})
     assert ParsedScan(fast, Settings(max_scan_seconds=1500)).port_count == 65535
+
+
+def test_a_ceiling_too_low_for_the_time_bound_is_refused_naming_it() -> None:
+    """No rate of its own, but the workers pace every scan to 10/s: 65,535 probes cannot end
+    within 1500 s, and the answer says it is the ceiling."""
+    request = ScanRequest.model_validate({"target": "127.0.0.1", "ports": "1-65535"})
+    with pytest.raises(ApiError, match="CYBERSEC_PROBE_RATE_CEILING") as refused:
+        ParsedScan(request, Settings(max_scan_seconds=1500, probe_rate_ceiling=10))
+    assert refused.value.field == "config.rate"
+    assert ParsedScan(request, Settings(probe_rate_ceiling=100)).port_count == 65535

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from shared.ports import TIER_OF
-from shared.protocol import time_limits
+from shared.protocol import LimitPolicy, time_limits
 from shared.schemas import HostResult, ScanConfig, ScanTaskPayload
 from shared.settings import Settings
 from worker_service.job import shard_limits
@@ -161,5 +161,5 @@ def test_a_shards_time_limit_allows_for_its_share_of_the_rate() -> None:
     plan = plan_shards(["127.0.0.1"], list(range(1, 2001)), 500, 8, rate=100)
     assert plan is not None
     assert len(plan) == 4
-    whole = time_limits(job, 2000, cap=settings.max_scan_seconds)
+    whole = time_limits(job, 2000, policy=LimitPolicy.of(settings))
     assert {shard_limits(job, shard, settings, len(plan)) for shard in plan} == {whole}
