@@ -206,8 +206,8 @@ class WorkerRuntime:
     def abandon(self, task_id: str | None = None) -> None:
         """Cancel what the delivery ``task_id`` (None: every delivery, and coroutines run
         outside one) waits for, and refuse what it hands over next (threads mode): its message,
-        not acked yet, goes back to the queue. A coroutine not started yet never starts; a
-        shielded one runs on."""
+        not acked yet, goes back to the queue. A coroutine the loop has not started yet is
+        cancelled at its first ``await``; a shielded one runs on."""
         if not self.threaded:
             return
         with self._lock:
