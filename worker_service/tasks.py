@@ -218,11 +218,12 @@ class TaskEnding:
             self.events.add_to(pipe, ("end", {"state": state}), release=owner)
 
         task_id = self.events.task_id
-        returned = state == SUCCESS and task_id == self.request.id
+        if state == SUCCESS and task_id == self.request.id:
+            # Marked now, not on the writer thread: Celery stores the returned result as soon
+            # as the task returns, even when the drain gave up waiting for this write.
+            self.backend.will_return(task_id)
         # Posted after the scan's progress writes: the final state is the last one stored.
-        self.events.post(
-            lambda: self.backend.finish(task_id, state, meta, rider, returned=returned)
-        )
+        self.events.post(lambda: self.backend.finish(task_id, state, meta, rider))
 
     def count(self, outcome: Outcome) -> None:
         setattr(self.request, OUTCOME_ATTRIBUTE, outcome)
