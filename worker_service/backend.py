@@ -6,6 +6,11 @@ sends them together through :meth:`ScanResultBackend.finish`, in one MULTI/EXEC:
 event stream then never see ``end`` before the state it announces. The write is tried once:
 while Redis is away a finishing scan goes on at once (PostgreSQL holds its outcome), the
 limiter's deadline frees the slot, and stream readers fall back to PostgreSQL.
+
+In the threads pool these writes go out on one writer thread, in order, and a task may return
+before they did (its drain is bounded): the final state it returns is marked at once
+(:meth:`ScanResultBackend.will_return`) so Celery does not store it a second time, and a
+``STORING`` still queued never replaces a final state stored meanwhile.
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 from redis.client import Pipeline
+from redis.exceptions import WatchError
 
 from shared.errors import InvalidScan
+from shared.protocol import STORING
 
 log = logging.getLogger(__name__)
 
 Rider = Callable[[Pipeline, str], object]
 """Adds a task's last writes to the pipeline that stores its final state (given here)."""
+SETTLED = frozenset({*states.READY_STATES, states.RETRY})
+"""States a ``STORING`` written later must leave in place."""
 
 
 class ScanResultBackend(RedisBackend):
@@ -53,23 +62,23 @@ class ScanResultBackend(RedisBackend):
         base = super()._store_result  # type: ignore[misc]  # not in celery-types
         return base(task_id, result, state, traceback, request, **kwargs)
 
+    def will_return(self, task_id: str) -> None:
+        """The running task ``task_id`` returns next the result :meth:`finish` stores (whether
+        or not that write lands, or has yet): Celery then stores nothing more."""
+        self._written.add(task_id)
+
     def finish(
         self,
         task_id: str,
         state: str,
         result: dict[str, Any] | str | None,
         rider: Rider,
-        *,
-        returned: bool = False,
     ) -> bool:
         """Store ``state`` with ``result`` (a result dict, or a failure's reason; None stores
         no state) and ``rider``'s writes in one transaction; False if Redis did not take them.
-        ``returned``: the running task returns this result next; Celery then stores nothing
-        more. Never raises."""
+        A ``STORING`` state is not stored over a settled one (:data:`SETTLED`). Never
+        raises."""
         key = value = None
-        if returned:
-            # Whether or not it lands now: Celery's own store of it would fail the same way.
-            self._written.add(task_id)
         try:
             if result is not None:
                 if state == states.FAILURE:
@@ -90,8 +99,23 @@ class ScanResultBackend(RedisBackend):
 
     def _write(self, key: bytes | None, value: Any, rider: Rider, state: str) -> None:
         with self.client.pipeline() as pipe:
+            if key is not None and state == STORING:
+                pipe.watch(key)  # EXEC fails if any other write to the key comes in between
+                if self._settled(pipe.get(key)):
+                    log.info("%r: STORING not written over a settled state", key)
+                    return
+                pipe.multi()
             if key is not None:
                 pipe.set(key, value, ex=int(self.expires) if self.expires else None)
                 pipe.publish(key, value)
             rider(pipe, state)
-            pipe.execute()
+            try:
+                pipe.execute()
+            except WatchError:  # only a STORING watches: the key moved on, leave it there
+                log.info("%r: STORING not written, the task's state changed meanwhile", key)
+
+    def _settled(self, stored: Any) -> bool:
+        if stored is None:
+            return False
+        meta = self.decode(stored)
+        return isinstance(meta, dict) and meta.get("status") in SETTLED

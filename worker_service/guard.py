@@ -22,6 +22,7 @@ from shared.errors import InvalidScan
 from shared.protocol import MERGE_TASK, SHARD_TASK
 from shared.settings import Settings
 from shared.store import ScanStore, create_pool
+from worker_service.pool import ThreadsPool
 from worker_service.shutdown import release_running
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,32 @@ class GuardedRequest(Request):
         hard, _soft = self.time_limits
         self.time_limits = (hard, None)
 
+    # Celery ends a running request through ``pool.terminate_job(pid)``: in the threads pool
+    # every request has the process's pid, so it is told which request is meant.
+    def terminate(self, pool: Any, signal: Any = None) -> None:
+        if not isinstance(pool, ThreadsPool):
+            super().terminate(pool, signal)
+            return
+        with pool.only(self.id):
+            super().terminate(pool, signal)
+
+    def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
+        if not isinstance(pool, ThreadsPool):
+            super().cancel(pool, signal, emit_retry)
+            return
+        with pool.only(self.id):
+            super().cancel(pool, signal, emit_retry)
+
 
 class GuardedConsumer(Consumer):
     connection_errors: tuple[type[BaseException], ...]
 
     def cancel_active_requests(self) -> None:
-        """At the end of a soft shutdown: the requeues that follow are not lost workers."""
-        release_running(self.app.conf.cybersec_settings)
+        """At the end of a soft shutdown: the requeues that follow are not lost workers. (A
+        threads-pool delivery counts its own as it hands its message back.)"""
+        settings: Settings = self.app.conf.cybersec_settings
+        if settings.worker_pool != "threads":
+            release_running(settings)
         super().cancel_active_requests()
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:

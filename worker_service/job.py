@@ -86,7 +86,7 @@ class Runtime(Protocol):
 
     settings: Settings
     policy: TargetPolicy
-    lookups: asyncio.Semaphore
+    lookups: asyncio.Semaphore | None
 
     async def store(self) -> ScanStore: ...
 

@@ -7,6 +7,9 @@ Celery really runs, so the runtime never runs its loop from several threads in p
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from celery import concurrency
@@ -18,17 +21,31 @@ from worker_service.runtime import close_runtime, current_runtime
 class ThreadsPool(CeleryThreadsPool):
     """Celery's threads pool, able to cancel running requests.
 
-    Celery cancels the requests it has not acked at the end of a soft shutdown and when the
-    broker connection is lost, through ``terminate_job`` (a prefork child is killed; the stock
-    threads pool has none and raises). Here it cancels the deliveries the task threads wait for
-    on the runtime's loop: each task then hands its message back (``Abandoned``). Every
-    request of the process is cancelled at once, as both callers cancel them all. The runtime
-    (loop, pools, executors) is closed with the pool."""
+    Celery cancels the requests it has not acked at the end of a soft shutdown, when the broker
+    connection is lost, and on ``revoke --terminate``, through ``terminate_job(pid)`` (a
+    prefork child is killed; the stock threads pool has none and raises). Here it abandons the
+    delivery on the runtime's loop: the task then hands its message back (``Abandoned``). A pid
+    names the whole process, so ``GuardedRequest`` names its own request with :meth:`only`;
+    a call without one abandons every delivery of the process. The runtime (loop, pools,
+    executors) is closed with the pool."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._target = threading.local()
+
+    @contextlib.contextmanager
+    def only(self, task_id: str) -> Iterator[None]:
+        """Within: :meth:`terminate_job` (on this thread) ends the request ``task_id`` alone."""
+        self._target.task_id = task_id
+        try:
+            yield
+        finally:
+            self._target.task_id = None
 
     def terminate_job(self, pid: Any, signal: Any = None) -> None:
         runtime = current_runtime()
         if runtime is not None:
-            runtime.abandon()
+            runtime.abandon(getattr(self._target, "task_id", None))
 
     def on_stop(self) -> None:
         super().on_stop()  # returns once every task thread has ended

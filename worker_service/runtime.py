@@ -9,6 +9,10 @@ loop runs for ever on a thread of its own and every task thread hands it its cor
 the engine's sweeps and discovery on the loop's default executor, sized for every scan at
 once, and Redis writes on one writer thread that keeps their order (see ``EventLog.post``).
 A watchdog holds each delivery to its hard limit, which Celery enforces only in prefork.
+
+Each task thread runs its delivery inside :meth:`WorkerRuntime.delivery`, which registers the
+coroutines it hands over, so :meth:`WorkerRuntime.abandon` reaches every one of them, one not
+started yet included, and the delivery's next ``run`` raises ``Abandoned`` at once.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import resource
 import threading
 import time
-from collections.abc import Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis
@@ -32,6 +38,7 @@ from shared.retry import redis_retry
 from shared.settings import Settings
 from shared.store import ScanStore, create_pool
 from worker_service.reporting import RedisGate
+from worker_service.shutdown import release_deliveries
 from worker_service.watchdog import Watchdog
 
 T = TypeVar("T")
@@ -41,13 +48,23 @@ DRAIN_SECONDS = 10.0
 """Longest a finishing task waits for the Redis writes queued before its end to go out."""
 CLOSE_DRAIN_SECONDS = 2.0
 """Longest a closing runtime waits for the Redis writes still queued."""
+CLOSE_CANCEL_SECONDS = 2.0
+"""Longest a closing runtime waits for the work it cancelled on its loop to unwind."""
 LOOP_BEAT_SECONDS = 1.0
 
 
 class Abandoned(BaseException):
-    """The work was cancelled from outside (a soft shutdown's end, a lost broker connection):
-    its message goes back to the queue. Not an ``Exception``: no handler of the work's own
-    may turn it into a failure."""
+    """The work was cancelled from outside (a soft shutdown's end, a lost broker connection, a
+    ``revoke --terminate``), or the runtime is closing: its message goes back to the queue. Not
+    an ``Exception``: no handler of the work's own may turn it into a failure."""
+
+
+@dataclass(eq=False)
+class _Delivery:
+    """The coroutines one delivery's task thread waits for, and whether it was abandoned."""
+
+    waiting: set[Future[Any]] = field(default_factory=set)
+    abandoned: bool = False
 
 
 def executor_threads(concurrency: int) -> int:
@@ -57,11 +74,9 @@ def executor_threads(concurrency: int) -> int:
 
 
 def lookup_slots(settings: Settings) -> int:
-    """Host-name lookups one process runs at once (threads: half its scans, so a resolver
-    that hangs can hold at most that many of the executor's threads)."""
-    if settings.worker_pool == "threads":
-        return max(1, settings.worker_concurrency // 2)
-    return 1
+    """Host-name lookups a threads-pool process runs at once: half its scans, so a resolver
+    that hangs can hold at most that many of the executor's threads."""
+    return max(1, settings.worker_concurrency // 2)
 
 
 def pool_sizes(settings: Settings) -> tuple[int, int]:
@@ -88,7 +103,14 @@ def raise_open_files_limit() -> int:
 class WorkerRuntime:
     """The long-lived loop a process's tasks run on, and the pool that lives on that loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        release: Callable[[list[Any]], object] | None = None,
+    ) -> None:
+        """``release`` (threads mode) counts deliveries, by their :meth:`watch` key, as handed
+        back rather than lost; the watchdog calls it, bounded, before it exits the process."""
         self.settings = settings
         self.pid = os.getpid()
         self.threaded = settings.worker_pool == "threads"
@@ -98,12 +120,20 @@ class WorkerRuntime:
         self._store_lock = asyncio.Lock()
         self._redis: redis.Redis | None = None
         self._redis_lock = threading.Lock()
-        self._running: set[asyncio.Task[Any]] = set()
+        self._lock = threading.Lock()
+        """Guards the registry below: a hand-over and an abandon never interleave."""
+        self._deliveries: dict[str, _Delivery] = {}
+        self._loose: set[Future[Any]] = set()
+        """Coroutines handed over outside any delivery (a metric's lookup)."""
+        self._shielded: set[Future[Any]] = set()
+        self._closing = False
+        self._local = threading.local()
         self.redis_gate = RedisGate()
         """Shared by every scan's event log: one Redis failure pauses them all (backoff)."""
-        self.lookups = asyncio.Semaphore(lookup_slots(settings))
-        """Host-name lookups in flight: each holds an executor thread until the resolver
-        answers, so they are bounded below what the sweeps need."""
+        self.lookups = asyncio.Semaphore(lookup_slots(settings)) if self.threaded else None
+        """Host-name lookups in flight (threads): each holds an executor thread until the
+        resolver answers, so they are bounded below what the sweeps need. A prefork process
+        runs one scan: its lookups are not bounded."""
         self.beat = time.monotonic()
         """When the loop last ran its beat (threads: every second); its age is the loop's lag."""
         self.executor: ThreadPoolExecutor | None = None
@@ -119,7 +149,7 @@ class WorkerRuntime:
             )
             self.loop.set_default_executor(self.executor)
             self.writer = ThreadPoolExecutor(1, thread_name_prefix="cybersec-redis")
-            self.watchdog = Watchdog()
+            self.watchdog = Watchdog(release=release)
             self._thread = threading.Thread(target=self._serve, name="cybersec-loop", daemon=True)
             self._thread.start()
 
@@ -144,43 +174,81 @@ class WorkerRuntime:
                 )
             return self._redis
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on this process's loop and wait for it; raises ``Abandoned`` if
-        :meth:`abandon` cancelled it (threads mode)."""
+    @contextlib.contextmanager
+    def delivery(self, task_id: str) -> Iterator[None]:
+        """Run the enclosed delivery (on the calling task thread) as ``task_id``: what it
+        hands over with :meth:`run` is what ``abandon(task_id)`` cancels. An abandon that came
+        first (the request was accepted, its thread not here yet) holds already."""
+        if not self.threaded:
+            yield
+            return
+        with self._lock:
+            entry = self._deliveries.setdefault(task_id, _Delivery())
+        self._local.delivery = entry
+        try:
+            yield
+        finally:
+            self._local.delivery = None
+            with self._lock:
+                if self._deliveries.get(task_id) is entry:
+                    del self._deliveries[task_id]
+
+    def run(self, coro: Coroutine[Any, Any, T], *, shield: bool = False) -> T:
+        """Run ``coro`` on this process's loop and wait for it.
+
+        Threads mode: raises ``Abandoned`` if :meth:`abandon` cancelled it, or at once if the
+        calling delivery was abandoned before or the runtime is closing. ``shield``: an
+        abandon does not cancel it once it runs (a delivery's final writes, bounded by their
+        own deadline: cut in the middle, a write could land after the message was handed
+        back); only closing the runtime does."""
         if not self.threaded:
             return self.loop.run_until_complete(coro)
-        future = asyncio.run_coroutine_threadsafe(self._tracked(coro), self.loop)
+        entry: _Delivery | None = getattr(self._local, "delivery", None)
+        with self._lock:
+            if self._closing or (entry is not None and entry.abandoned):
+                coro.close()
+                raise Abandoned()
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            abandonable = self._loose if entry is None else entry.waiting
+            waiting = self._shielded if shield else abandonable
+            waiting.add(future)
         try:
             return future.result()
         except concurrent.futures.CancelledError:
             raise Abandoned() from None
-
-    async def _tracked(self, coro: Coroutine[Any, Any, T]) -> T:
-        task = asyncio.current_task()
-        assert task is not None
-        self._running.add(task)
-        try:
-            return await coro
         finally:
-            self._running.discard(task)
+            with self._lock:
+                waiting.discard(future)
 
-    def abandon(self) -> None:
-        """Cancel every coroutine the task threads wait for (threads mode): their messages,
-        not acked yet, go back to the queue."""
-        if self.threaded and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._cancel_running)
-
-    def _cancel_running(self) -> None:
-        for task in tuple(self._running):
-            task.cancel()
+    def abandon(self, task_id: str | None = None) -> None:
+        """Cancel what the delivery ``task_id`` (None: every delivery, and coroutines run
+        outside one) waits for, and refuse what it hands over next (threads mode): its message,
+        not acked yet, goes back to the queue. A coroutine the loop has not started yet is
+        cancelled at its first ``await``; a shielded one runs on."""
+        if not self.threaded:
+            return
+        with self._lock:
+            if task_id is None:
+                entries = list(self._deliveries.values())
+                cancelled = [*self._loose]
+            else:
+                entries = [self._deliveries.setdefault(task_id, _Delivery())]
+                cancelled = []
+            for entry in entries:
+                entry.abandoned = True
+                cancelled.extend(entry.waiting)
+        # Outside the lock: a cancelled future's callbacks run here.
+        for future in cancelled:
+            future.cancel()
 
     @contextlib.contextmanager
-    def watch(self, what: str, hard_seconds: float) -> Iterator[None]:
-        """Threads mode: exit the process if the enclosed delivery outlives its hard limit."""
+    def watch(self, what: str, hard_seconds: float, key: Any = None) -> Iterator[None]:
+        """Threads mode: exit the process if the enclosed delivery outlives its hard limit;
+        ``key`` names the delivery to the ``release`` the runtime was made with."""
         if self.watchdog is None:
             yield
             return
-        with self.watchdog.watch(what, hard_seconds):
+        with self.watchdog.watch(what, hard_seconds, key):
             yield
 
     def drain(self, timeout: float = DRAIN_SECONDS) -> None:
@@ -212,8 +280,13 @@ class WorkerRuntime:
             return self._store
 
     def close(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True  # threads mode: from now on every run() raises Abandoned
         if self.threaded:
             self.abandon()  # a task thread still waiting must not wait for ever
+            self._end_left_work()
             self.drain(CLOSE_DRAIN_SECONDS)  # before the Redis client they use is closed
             if self.writer is not None:
                 self.writer.shutdown(wait=False, cancel_futures=True)
@@ -239,10 +312,32 @@ class WorkerRuntime:
             self.watchdog.close()
         self.loop.close()
 
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+    def _end_left_work(self) -> None:
+        """Cancel what still runs on the loop, a shielded final write included (the process
+        is going: its message, not acked, is redelivered), and let it unwind briefly."""
+
+        async def cancel_all() -> None:
+            left = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in left:
+                task.cancel()
+            if left:
+                await asyncio.wait(left, timeout=CLOSE_CANCEL_SECONDS)
+
+        try:
+            self._call(cancel_all(), timeout=CLOSE_CANCEL_SECONDS + 1)
+        except TimeoutError:
+            log.warning("the event loop did not answer; its work is left to the process's exit")
+        # However the loop fares, no task thread waits any longer.
+        with self._lock:
+            waiting = [*self._shielded, *self._loose]
+            waiting.extend(f for entry in self._deliveries.values() for f in entry.waiting)
+        for future in waiting:
+            future.cancel()
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
         if not self.threaded:
             return self.loop.run_until_complete(coro)
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
 _runtime: WorkerRuntime | None = None
@@ -254,7 +349,9 @@ def get_runtime(settings: Settings) -> WorkerRuntime:
     global _runtime
     with _lock:
         if _runtime is None or _runtime.pid != os.getpid():
-            _runtime = WorkerRuntime(settings)
+            _runtime = WorkerRuntime(
+                settings, release=functools.partial(release_deliveries, settings)
+            )
         return _runtime
 
 

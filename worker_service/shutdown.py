@@ -1,9 +1,12 @@
 """A stopping worker's requeues are orderly, not lost workers.
 
 Celery's soft shutdown waits ``shutdown_timeout`` s, then cancels the requests still running,
-which requeues their messages. ``GuardedConsumer`` counts each such delivery as released
-(``ScanStore.release``) just before, so the poison guard, which dead-letters a scan after five
-deliveries that ended with their worker gone, does not count a rolling deploy against it.
+which requeues their messages. Each such delivery is counted as released
+(``ScanStore.release``), so the poison guard, which dead-letters a scan after five deliveries
+that ended with their worker gone, does not count a rolling deploy against it: in prefork by
+``GuardedConsumer`` just before (the children are then killed), in the threads pool by each
+cancelled delivery itself as it hands its message back (``tasks.delivered``), which also covers
+a lost broker connection and a ``revoke --terminate``.
 """
 
 from __future__ import annotations
@@ -25,23 +28,28 @@ log = logging.getLogger(__name__)
 RELEASE_SECONDS = 3.0
 
 
+def delivery_key(name: str, task_id: Any, args: Any) -> tuple[str, Any] | None:
+    """(task name, the row its deliveries are counted on) of one request: a scan's task id, a
+    shard's (scan id, index), a merge's scan id; None for another task or unreadable
+    arguments."""
+    try:
+        if name == SCAN_TASK:
+            return SCAN_TASK, UUID(str(task_id))
+        if name == SHARD_TASK:
+            payload, _parent, index = args
+            return SHARD_TASK, (UUID(str(payload["scan_id"])), int(index))
+        if name == MERGE_TASK:
+            payload, _parent = args
+            return MERGE_TASK, UUID(str(payload["scan_id"]))
+    except (TypeError, ValueError, KeyError) as exc:
+        log.debug("request %s not counted: %r", task_id, exc)
+    return None
+
+
 def running_deliveries() -> list[tuple[str, Any]]:
-    """(task name, task id, (scan id, shard index) or a merge's scan id) of the requests this
-    worker runs."""
-    found: list[tuple[str, Any]] = []
-    for request in tuple(state.active_requests):
-        try:
-            if request.name == SCAN_TASK:
-                found.append((SCAN_TASK, UUID(str(request.id))))
-            elif request.name == SHARD_TASK:
-                payload, _parent, index = request.args
-                found.append((SHARD_TASK, (UUID(str(payload["scan_id"])), int(index))))
-            elif request.name == MERGE_TASK:
-                payload, _parent = request.args
-                found.append((MERGE_TASK, UUID(str(payload["scan_id"]))))
-        except (TypeError, ValueError, KeyError) as exc:
-            log.debug("request %s not counted: %r", request.id, exc)
-    return found
+    """:func:`delivery_key` of each request this worker runs."""
+    found = (delivery_key(r.name, r.id, r.args) for r in tuple(state.active_requests))
+    return [key for key in found if key is not None]
 
 
 async def release(dsn: str, deliveries: list[tuple[str, Any]]) -> None:
@@ -60,13 +68,19 @@ async def release(dsn: str, deliveries: list[tuple[str, Any]]) -> None:
             await pool.close()
 
 
-def release_running(settings: Settings) -> None:
-    """Count this worker's running deliveries as released; never raises (it runs in the
-    consumer's shutdown, which nothing may interrupt), bounded by ``RELEASE_SECONDS``."""
-    deliveries = running_deliveries()
+def release_deliveries(settings: Settings, deliveries: list[tuple[str, Any]]) -> None:
+    """Count ``deliveries`` (:func:`delivery_key`) as released, on a connection of their own
+    (not the runtime's, which may be closing or stuck); never raises, bounded by
+    ``RELEASE_SECONDS``."""
     if not deliveries:
         return
     try:
         asyncio.run(release(settings.database_url, deliveries))
     except DATABASE_ERRORS as exc:
         log.warning("requeued deliveries not counted as released: %r", exc)
+
+
+def release_running(settings: Settings) -> None:
+    """Count this worker's running deliveries as released (it runs in the consumer's
+    shutdown, which nothing may interrupt)."""
+    release_deliveries(settings, running_deliveries())

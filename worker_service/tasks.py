@@ -56,6 +56,7 @@ from worker_service.metrics import OUTCOME_ATTRIBUTE
 from worker_service.reporting import EventLog
 from worker_service.runtime import Abandoned, WorkerRuntime, get_runtime
 from worker_service.sharding import DuplicateMerge, Recorded, deliver_merge, deliver_shard
+from worker_service.shutdown import delivery_key, release_deliveries
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def scan(task: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
             outcome = _publish_shards(task, job, outcome, progress)
     owner = row.api_key_id if row is not None else None
     ending = TaskEnding(runtime, task, delivery, events, owner)
-    return _answer(task, delivery, runtime.run(finish(outcome, ending)))
+    return _answer(task, delivery, runtime.run(finish(outcome, ending), shield=True))
 
 
 def scan_shard(task: Task[Any, Any], payload: dict[str, Any], parent_id: str, index: int) -> None:
@@ -93,9 +94,10 @@ def scan_shard(task: Task[Any, Any], payload: dict[str, Any], parent_id: str, in
     owner = row.api_key_id if row is not None else None
     ending = TaskEnding(runtime, task, delivery, events, owner)
     if isinstance(outcome, RetryLater | Requeue):  # the shard's own delivery, not the scan's
-        runtime.run(ending.write(lambda store: store.release_shard(job.scan_id, index)))
+        release = ending.write(lambda store: store.release_shard(job.scan_id, index))
+        runtime.run(release, shield=True)
     elif isinstance(outcome, Failed):
-        runtime.run(finish(outcome, ending))
+        runtime.run(finish(outcome, ending), shield=True)
     _answer(task, delivery, outcome)
 
 
@@ -112,10 +114,10 @@ def scan_merge(task: Task[Any, Any], payload: dict[str, Any], parent_id: str) ->
     ending = TaskEnding(runtime, task, delivery, events, owner)
     if isinstance(outcome, RetryLater | Requeue):  # the merge's own delivery, not the scan's
         reap = ending.reap_seconds
-        runtime.run(ending.write(lambda store: store.release_merge(job.scan_id, reap)))
+        runtime.run(ending.write(lambda store: store.release_merge(job.scan_id, reap)), shield=True)
         ending.count(outcome)
         return _answer(task, delivery, outcome)
-    return _answer(task, delivery, runtime.run(finish(outcome, ending)))
+    return _answer(task, delivery, runtime.run(finish(outcome, ending), shield=True))
 
 
 P = ParamSpec("P")
@@ -128,22 +130,31 @@ def delivered(
     """A task body as the worker runs it: held to its hard limit (threads pool: the runtime's
     watchdog; prefork: Celery), its Redis writes out before Celery acks it, and its message
     handed back to the queue when the runtime abandoned it (a soft shutdown's end, a lost
-    broker connection)."""
+    broker connection, a ``revoke --terminate``, the runtime closing) — counted as released
+    first, so the poison guard does not take it for a lost worker, and as a requeue in the
+    metrics. Its final writes, once begun, are not abandoned (``shield``)."""
 
     @functools.wraps(body)
     def run(task: Task[Any, Any], /, *args: P.args, **kwargs: P.kwargs) -> R:
         settings: Settings = task.app.conf.cybersec_settings
         runtime = get_runtime(settings)
         _soft, hard = _limits(task, settings)
+        task_id = str(task.request.id)
+        held = delivery_key(task.name, task_id, args)
         try:
-            try:
-                with runtime.watch(f"task {task.request.id} ({task.name})", hard):
-                    return body(task, *args, **kwargs)
-            finally:
-                runtime.drain()  # bounded on its own: outside the watch
+            with runtime.delivery(task_id):
+                try:
+                    with runtime.watch(f"task {task_id} ({task.name})", hard, held):
+                        return body(task, *args, **kwargs)
+                finally:
+                    runtime.drain()  # bounded on its own: outside the watch
         except Abandoned:
-            log.warning("task %s: stopped by the worker; its message goes back", task.request.id)
-            raise Reject("stopped by the worker: requeued", requeue=True) from None
+            log.warning("task %s: stopped by the worker; its message goes back", task_id)
+            if held is not None:
+                release_deliveries(settings, [held])
+            requeue = Requeue("stopped by the worker: requeued")
+            setattr(task.request, OUTCOME_ATTRIBUTE, requeue)
+            raise Reject(requeue.reason, requeue=True) from None
 
     return run
 
@@ -205,11 +216,12 @@ class TaskEnding:
             self.events.add_to(pipe, ("end", {"state": state}), release=owner)
 
         task_id = self.events.task_id
-        returned = state == SUCCESS and task_id == self.request.id
+        if state == SUCCESS and task_id == self.request.id:
+            # Marked now, not on the writer thread: Celery stores the returned result as soon
+            # as the task returns, even when the drain gave up waiting for this write.
+            self.backend.will_return(task_id)
         # Posted after the scan's progress writes: the final state is the last one stored.
-        self.events.post(
-            lambda: self.backend.finish(task_id, state, meta, rider, returned=returned)
-        )
+        self.events.post(lambda: self.backend.finish(task_id, state, meta, rider))
 
     def count(self, outcome: Outcome) -> None:
         setattr(self.request, OUTCOME_ATTRIBUTE, outcome)

@@ -8,10 +8,13 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
+from shared.protocol import MERGE_TASK, SCAN_TASK, SHARD_TASK
 from shared.reaper import REAPED, reap
 from shared.schemas import ScanConfig
+from shared.settings import Settings
 from shared.store import ScanStore
 from tests.support.lifecycle import scan_result
+from worker_service.shutdown import release_deliveries
 
 
 async def running_scan(store: ScanStore, *, reap_in: float | None = None) -> UUID:
@@ -218,3 +221,26 @@ async def test_a_released_delivery_pushes_the_reap_deadline_past_its_queue_wait(
     row = await store.get(scan_id)
     assert row is not None
     assert (row.released, row.merge_released) == (2, 1)
+
+
+async def test_deliveries_handed_back_by_a_stopping_worker_are_not_counted_lost(
+    store: ScanStore, settings: Settings
+) -> None:
+    """What an abandoned threads-pool delivery, or the watchdog for the innocent ones, counts
+    before the message goes back: the next delivery of each finds no lost one."""
+    scan_id = await running_scan(store, reap_in=600)
+    await store.start_shards(scan_id, ["127.0.0.1"], [(["127.0.0.1"], "1-10")], 600)
+    assert await store.shard_started(scan_id, 0, 600) is not None
+    assert await store.merge_started(scan_id, "merge-task", 600) is not None
+    row = await store.get(scan_id)
+    assert row is not None
+    handed_back = [(SCAN_TASK, row.task_id), (SHARD_TASK, (scan_id, 0)), (MERGE_TASK, scan_id)]
+    await asyncio.to_thread(release_deliveries, settings, handed_back)
+    # The redeliveries.
+    await store.mark_running(scan_id)
+    started = await store.shard_started(scan_id, 0, 600)
+    merged = await store.merge_started(scan_id, "merge-task", 600)
+    assert started is not None
+    assert merged is not None
+    shard, scan = started[0], merged[0]
+    assert (scan.lost_deliveries, shard.lost_deliveries, scan.lost_merges) == (0, 0, 0)

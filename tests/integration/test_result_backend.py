@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 from uuid import uuid4
@@ -16,6 +17,7 @@ from celery import states
 from redis.client import Pipeline
 
 from bench._stack import free_port
+from shared.protocol import STORING
 from shared.redis_keys import active_key, events_key, result_key
 from shared.settings import Settings
 from worker_service.backend import ScanResultBackend
@@ -151,3 +153,37 @@ def test_finish_without_redis_logs_and_goes_on(
         assert not backend.finish(task_id, states.SUCCESS, {"open_ports": []}, rider)
     assert sent == ["SUCCESS"]  # one attempt: a Redis that is away fails the store fast
     assert f"task {task_id}: final state and end event not written" in caplog.text
+
+
+def test_a_queued_storing_never_replaces_a_settled_state(
+    settings: Settings, client: redis.Redis
+) -> None:
+    """A threads-pool task whose drain gave up may have a STORING still queued on the writer
+    thread when a final state is stored: it lands over progress, never over that."""
+    backend = backend_for(settings)
+    scan = Scan(settings, client)
+    progress = {"progress": 40}
+    assert backend.finish(scan.task_id, "PROGRESS", progress, lambda _pipe, _state: None)
+    assert backend.finish(scan.task_id, STORING, {"open_ports": []}, lambda _pipe, _state: None)
+    assert scan.stored_state() == STORING
+    for settled in (states.SUCCESS, states.RETRY):
+        assert backend.finish(scan.task_id, settled, {}, lambda _pipe, _state: None)
+        assert backend.finish(scan.task_id, STORING, {}, lambda _pipe, _state: None)
+        assert scan.stored_state() == settled
+
+
+def test_a_result_the_task_will_return_is_not_stored_twice(
+    settings: Settings, client: redis.Redis
+) -> None:
+    """Marked before its write is even queued, so Celery's own store skips it whenever the
+    task returns; once: the mark does not outlive that store."""
+    backend = backend_for(settings)
+    scan = Scan(settings, client)
+    backend.will_return(scan.task_id)
+    backend.mark_as_done(scan.task_id, {"open_ports": []})
+    assert scan.stored_state() is None
+    with warnings.catch_warnings():
+        # Celery's own store calls redis-py's SETEX, which redis-py now calls deprecated.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        backend.mark_as_done(scan.task_id, {"open_ports": []})
+    assert scan.stored_state() == states.SUCCESS

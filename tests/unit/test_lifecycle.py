@@ -197,7 +197,7 @@ class FakeRuntime:
     policy: TargetPolicy = field(
         default_factory=lambda: TargetPolicy(("127.0.0.0/8",), ("127.0.0.66",))
     )
-    lookups: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+    lookups: asyncio.Semaphore | None = None
 
     async def store(self) -> ScanStore:
         return cast(ScanStore, self.fake)
