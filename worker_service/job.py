@@ -325,12 +325,12 @@ async def _shard(
 
 
 def shard_limits(
-    job: ScanTaskPayload, shard: Shard, settings: Settings, shards: int
+    job: ScanTaskPayload, shard: Shard, settings: Settings, shards: int, index: int
 ) -> tuple[int, int]:
-    """(hard, soft) seconds of one of ``shards`` shards, as for a scan of its size paced to
-    its share of the rate."""
+    """(hard, soft) seconds of shard ``index`` of ``shards``, as for a scan of its size paced
+    to its share of the rate."""
     addresses, ports = shard
-    own = shard_payload(job, shards)
+    own = shard_payload(job, shards, index)
     return time_limits(own, len(ports), len(addresses), policy=LimitPolicy.of(settings))
 
 
@@ -343,7 +343,7 @@ def sharded_reap_seconds(job: ScanTaskPayload, plan: list[Shard], settings: Sett
     """Every shard and the merge one after another (one worker process may run them all),
     the wait of a continuation in the queue (behind the task a worker process is running),
     plus the retry budget."""
-    hard = sum(shard_limits(job, shard, settings, len(plan))[0] for shard in plan)
+    hard = sum(shard_limits(job, shard, settings, len(plan), i)[0] for i, shard in enumerate(plan))
     wait = queue_wait_seconds(settings.max_scan_seconds, settings.hard_limit_margin)
     return hard + merge_limits(settings)[0] + wait + retry_budget(settings.db_retry_seconds)
 

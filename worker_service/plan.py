@@ -69,13 +69,15 @@ def plan_live(
     return plan_shards(live, ports, min_probes, max_shards, rate)
 
 
-def shard_payload(job: ScanTaskPayload, shards: int) -> ScanTaskPayload:
-    """What one of ``shards`` shards runs: the scan, paced to its share of the scan's rate.
-    The shards may all run at once, and together they send no faster than the scan's rate."""
+def shard_payload(job: ScanTaskPayload, shards: int, index: int) -> ScanTaskPayload:
+    """What shard ``index`` of ``shards`` runs: the scan, paced to its share of the scan's
+    rate. The shards may all run at once; their shares add up to the scan's rate exactly (the
+    first ``rate % shards`` get one probe a second more)."""
     rate = job.config.rate
     if not rate or shards <= 1:
         return job
-    config = job.config.model_copy(update={"rate": max(1, rate // shards)})
+    share = rate // shards + (1 if index < rate % shards else 0)
+    config = job.config.model_copy(update={"rate": max(1, share)})
     return job.model_copy(update={"config": config})
 
 

@@ -248,7 +248,7 @@ async def _sweep(
         found = await probe(
             addresses,
             ports,
-            shard_payload(job, row.shards_total or 1).config,
+            shard_payload(job, row.shards_total or 1, shard.index).config,
             progress,
             limits=limits,
             known={a: states[a] for a in addresses} if states is not None else None,

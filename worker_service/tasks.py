@@ -89,6 +89,7 @@ def scan_shard(task: Task[Any, Any], payload: dict[str, Any], parent_id: str, in
     )
     if isinstance(outcome, Recorded):
         if outcome.merge:
+            runtime.drain()  # this shard's progress goes out before the merge can end the scan
             _publish_merge(task, job, parent_id)
         raise Ignore()
     owner = row.api_key_id if row is not None else None
@@ -300,6 +301,7 @@ def _publish_shards(
                 (list(shard.addresses), parse_port_spec(shard.ports)),
                 settings,
                 sharded.shards,
+                shard.index,
             )
             task.app.send_task(
                 SHARD_TASK,

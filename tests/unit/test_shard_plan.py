@@ -139,18 +139,19 @@ def test_a_rated_scan_gets_no_more_shards_than_probes_a_second() -> None:
     assert plan_shards(["127.0.0.1"], ports, 250, 8, rate=1) is None
 
 
-@pytest.mark.parametrize(("rate", "shards"), [(100, 4), (10, 3), (7, 7), (1000, 1)])
-def test_shards_together_send_no_faster_than_the_scans_rate(rate: int, shards: int) -> None:
+@pytest.mark.parametrize(("rate", "shards"), [(100, 4), (10, 3), (23, 2), (15, 8), (7, 7)])
+def test_the_shards_shares_add_up_to_the_scans_rate(rate: int, shards: int) -> None:
     job = rated_job(rate)
-    share = shard_payload(job, shards).config.rate
-    assert share is not None
-    assert share >= 1
-    assert share * shards <= rate
-    assert shard_payload(job, shards).model_dump(exclude={"config"}) == job.model_dump(
+    shares = [shard_payload(job, shards, index).config.rate for index in range(shards)]
+    assert all(share is not None and share >= 1 for share in shares)
+    assert sum(share or 0 for share in shares) == rate
+    assert max(share or 0 for share in shares) - min(share or 0 for share in shares) <= 1
+    assert shard_payload(job, shards, 0).model_dump(exclude={"config"}) == job.model_dump(
         exclude={"config"}
     )
     unrated = rated_job(1).model_copy(update={"config": ScanConfig()})
-    assert shard_payload(unrated, shards) == unrated
+    assert shard_payload(unrated, shards, 0) == unrated
+    assert shard_payload(job, 1, 0) == job
 
 
 def test_a_shards_time_limit_allows_for_its_share_of_the_rate() -> None:
@@ -162,4 +163,5 @@ def test_a_shards_time_limit_allows_for_its_share_of_the_rate() -> None:
     assert plan is not None
     assert len(plan) == 4
     whole = time_limits(job, 2000, policy=LimitPolicy.of(settings))
-    assert {shard_limits(job, shard, settings, len(plan)) for shard in plan} == {whole}
+    limits = {shard_limits(job, shard, settings, len(plan), i) for i, shard in enumerate(plan)}
+    assert limits == {whole}
