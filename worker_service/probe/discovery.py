@@ -11,7 +11,8 @@ a live host down.
 from __future__ import annotations
 
 import _socket as socket
-import os
+import contextlib
+import secrets
 import time
 
 from worker_service.probe.scheduler import Scheduler
@@ -146,7 +147,9 @@ def discover(
     """Ping every host (TCP to ``PING_PORTS``, ICMP echo where allowed); a host is up on
     ``syn-ack``, ``reset`` or ``echo-reply``, else down with ``no-response`` (or the ICMP
     error the network sent back, e.g. ``host-unreach``)."""
-    ident = os.getpid() & 0xFFFF
+    # Its own identifier: several scans of one process (the threads pool) ping at once, and a
+    # raw socket reads every echo reply of the host.
+    ident = secrets.randbits(16)
     pingers: list[tuple[Pinger, list[str]]] = []
     if icmp:
         for v6 in (False, True):
@@ -161,10 +164,8 @@ def discover(
                     if not _pace(bucket, stop):
                         break
                     # A full send buffer or an unroutable address: TCP still decides.
-                    try:
+                    with contextlib.suppress(OSError):
                         pinger.send(address, ident, seq)
-                    except OSError:
-                        break
         scheduler = Scheduler(
             timeout=timeout,
             min_timeout=min_timeout,
@@ -178,8 +179,8 @@ def discover(
         if pingers:
             deadline = time.monotonic() + min(timeout, 0.05)
             while time.monotonic() < deadline and len(echoed) < pinged:
-                for pinger, _family in pingers:
-                    echoed |= pinger.replies(ident)
+                for pinger, family in pingers:
+                    echoed |= pinger.replies(ident) & set(family)
                 time.sleep(0.005)
         states = {}
         for address in hosts:
