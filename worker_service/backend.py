@@ -3,9 +3,11 @@
 A scan ends with two kinds of Redis writes: its task's final state (SET and PUBLISH, as Celery
 stores it), and its ``end`` event with its key's active-scan slot given back. ``lifecycle.finish``
 sends them together through :meth:`ScanResultBackend.finish`, in one MULTI/EXEC: readers of the
-event stream then never see ``end`` before the state it announces. The write is tried once:
-while Redis is away a finishing scan goes on at once (PostgreSQL holds its outcome), the
-limiter's deadline frees the slot, and stream readers fall back to PostgreSQL.
+event stream then never see ``end`` before the state it announces. The write is tried twice,
+at once (the second on a fresh connection, for one a Redis restart closed): while Redis is away
+a finishing scan goes on at once (PostgreSQL holds its outcome), the limiter's deadline frees
+the slot, and stream readers fall back to PostgreSQL. A ``PROGRESS`` or ``STORING`` never
+replaces a settled state (a shard's late progress after its scan's SUCCESS).
 
 In the threads pool these writes go out on one writer thread, in order, and a task may return
 before they did (its drain is bounded): the final state it returns is marked at once
@@ -27,14 +29,13 @@ from redis.client import Pipeline
 from redis.exceptions import WatchError
 
 from shared.errors import InvalidScan
-from shared.protocol import STORING
 
 log = logging.getLogger(__name__)
 
 Rider = Callable[[Pipeline, str], object]
 """Adds a task's last writes to the pipeline that stores its final state (given here)."""
 SETTLED = frozenset({*states.READY_STATES, states.RETRY})
-"""States a ``STORING`` written later must leave in place."""
+"""States a ``STORING`` or a ``PROGRESS`` written later must leave in place."""
 
 
 class ScanResultBackend(RedisBackend):
@@ -58,6 +59,16 @@ class ScanResultBackend(RedisBackend):
         if task_id in self._written:
             # The task returned a result that finish() stored already, with its end event.
             self._written.discard(task_id)
+            return result
+        if state not in SETTLED:
+            # PROGRESS: a shard's progress can land after its scan's merge stored SUCCESS (or a
+            # cancelled engine's last event after REVOKED); it must not replace that.
+            meta = self._get_result_meta(
+                result=result, state=state, traceback=traceback, request=request
+            )
+            meta["task_id"] = bytes_to_str(task_id)
+            key = self.get_key_for_task(task_id)
+            self.ensure(self._write, (key, self.encode(meta), _no_rider, state), max_retries=0)
             return result
         base = super()._store_result  # type: ignore[misc]  # not in celery-types
         return base(task_id, result, state, traceback, request, **kwargs)
@@ -91,7 +102,9 @@ class ScanResultBackend(RedisBackend):
                 if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
                     raise BackendStoreError("value too large for Redis backend", state=state)
                 key = self.get_key_for_task(task_id)
-            self.ensure(self._write, (key, value, rider, state), max_retries=0)
+            # Once more at once: the first write after a Redis restart meets a pooled
+            # connection the restart closed, and would lose the end event and slot release.
+            self.ensure(self._write, (key, value, rider, state), max_retries=1)
         except Exception as exc:  # Redis away: see the module's docstring
             log.warning("task %s: final state and end event not written: %r", task_id, exc)
             return False
@@ -99,10 +112,10 @@ class ScanResultBackend(RedisBackend):
 
     def _write(self, key: bytes | None, value: Any, rider: Rider, state: str) -> None:
         with self.client.pipeline() as pipe:
-            if key is not None and state == STORING:
+            if key is not None and state not in SETTLED:
                 pipe.watch(key)  # EXEC fails if any other write to the key comes in between
                 if self._settled(pipe.get(key)):
-                    log.info("%r: STORING not written over a settled state", key)
+                    log.info("%r: %s not written over a settled state", key, state)
                     return
                 pipe.multi()
             if key is not None:
@@ -111,11 +124,15 @@ class ScanResultBackend(RedisBackend):
             rider(pipe, state)
             try:
                 pipe.execute()
-            except WatchError:  # only a STORING watches: the key moved on, leave it there
-                log.info("%r: STORING not written, the task's state changed meanwhile", key)
+            except WatchError:  # only an unsettled state watches: the key moved on, leave it
+                log.info("%r: %s not written, the task's state changed meanwhile", key, state)
 
     def _settled(self, stored: Any) -> bool:
         if stored is None:
             return False
         meta = self.decode(stored)
         return isinstance(meta, dict) and meta.get("status") in SETTLED
+
+
+def _no_rider(_pipe: Pipeline, _state: str) -> None:
+    """A state written with nothing riding on it."""

@@ -32,9 +32,21 @@ def client(settings: Settings) -> Iterator[redis.Redis]:
     connection.close()
 
 
+_MADE: list[ScanResultBackend] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_backends() -> Iterator[None]:
+    """Each backend a test made gives its Redis connections back when the test ends."""
+    yield
+    while _MADE:
+        _MADE.pop().client.connection_pool.disconnect()
+
+
 def backend_for(settings: Settings) -> ScanResultBackend:
     backend = make_celery(settings).backend
     assert isinstance(backend, ScanResultBackend)
+    _MADE.append(backend)
     return backend
 
 
@@ -151,7 +163,9 @@ def test_finish_without_redis_logs_and_goes_on(
 
     with caplog.at_level(logging.WARNING, logger="worker_service.backend"):
         assert not backend.finish(task_id, states.SUCCESS, {"open_ports": []}, rider)
-    assert sent == ["SUCCESS"]  # one attempt: a Redis that is away fails the store fast
+    # Two attempts at once (one for a connection a Redis restart closed), then it gives up: a
+    # Redis that is away fails the store fast.
+    assert sent == ["SUCCESS", "SUCCESS"]
     assert f"task {task_id}: final state and end event not written" in caplog.text
 
 
@@ -169,6 +183,21 @@ def test_a_queued_storing_never_replaces_a_settled_state(
     for settled in (states.SUCCESS, states.RETRY):
         assert backend.finish(scan.task_id, settled, {}, lambda _pipe, _state: None)
         assert backend.finish(scan.task_id, STORING, {}, lambda _pipe, _state: None)
+        assert scan.stored_state() == settled
+
+
+def test_late_progress_never_replaces_a_settled_state(
+    settings: Settings, client: redis.Redis
+) -> None:
+    """A shard's progress still queued when its scan's merge stored SUCCESS, or a cancelled
+    engine's last event after REVOKED: clients keep reading the final state."""
+    backend = backend_for(settings)
+    scan = Scan(settings, client)
+    backend.store_result(scan.task_id, {"progress": 10}, "PROGRESS")
+    assert scan.stored_state() == "PROGRESS"
+    for settled in (states.SUCCESS, states.REVOKED):
+        assert backend.finish(scan.task_id, settled, {}, lambda _pipe, _state: None)
+        backend.store_result(scan.task_id, {"progress": 99}, "PROGRESS")
         assert scan.stored_state() == settled
 
 
