@@ -152,8 +152,8 @@ class EventLog:
         self.post(partial(self._hold_slot, owner, seconds))
 
     def _hold_slot(self, owner: Any, seconds: float) -> None:
-        if not self.available:
-            return  # the gateway's own expiry of the slot stands
+        # Not skipped while the gate is down: a slot left at the gateway's expiry (the result
+        # TTL) would hold the key's capacity for a day if the final release failed too.
         try:
             self.client.zadd(
                 active_key(self.prefix, owner), {self.task_id: time.time() + seconds}, xx=True
