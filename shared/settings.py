@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.targets import MAX_HOSTS_LIMIT
 
+CONSUMER_TIMEOUT_SECONDS = 1800
+"""RabbitMQ's default consumer_timeout (30 minutes): a hard limit must end before it."""
 ENV_PREFIX = "CYBERSEC_"
 
 PLACEHOLDERS = frozenset(
@@ -108,9 +110,11 @@ class Settings(BaseSettings):
     """Soft time limit cap of one scan task; the hard limit is ``hard_limit_margin`` more. Keep
     the hard limit below RabbitMQ's consumer_timeout (30 min by default), which would otherwise
     close the channel of a worker still holding the unacknowledged message."""
-    hard_limit_margin: int = Field(default=30, ge=5, le=600)
+    hard_limit_margin: int = Field(default=30, ge=10, le=600)
     """Seconds from a task's soft time limit to its hard one: the time its final writes get
-    (retried while PostgreSQL is away) before the hard limit ends the process running it."""
+    (retried while PostgreSQL is away, and ending 5 s before the hard limit) before the hard
+    limit ends the process running it. With ``max_scan_seconds`` it must stay under RabbitMQ's
+    consumer timeout (30 minutes by default)."""
     db_retry_seconds: float = Field(default=300.0, ge=1)
     """How long a worker keeps retrying a PostgreSQL write (backoff with jitter) before
     handing the task back for a later retry; the result is readable from Redis meanwhile."""
@@ -127,7 +131,7 @@ class Settings(BaseSettings):
     # Scan lifecycle on the worker (issue 14): sharded scans joined in PostgreSQL, the reaper.
     merge_time_limit: int = Field(default=120, ge=1)
     """Soft time limit (s) of a sharded scan's merge, which identifies services on the open
-    ports the shards found; the hard limit is 30 s more. Past it the scan fails."""
+    ports the shards found; the hard limit is ``hard_limit_margin`` more. Past it the scan fails."""
     reap_interval: float = Field(default=60.0, gt=0)
     """Seconds between two passes of a worker's reaper, which fails scans left 'running' past
     their hard time limit plus the retry budget and frees their key's slot."""
@@ -239,6 +243,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(item.strip() for item in value.split(",") if item.strip())
         return value
+
+    @model_validator(mode="after")
+    def _hard_limit_under_the_consumer_timeout(self) -> Settings:
+        if self.max_scan_seconds + self.hard_limit_margin >= CONSUMER_TIMEOUT_SECONDS:
+            raise ValueError(
+                "CYBERSEC_MAX_SCAN_SECONDS + CYBERSEC_HARD_LIMIT_MARGIN must stay under"
+                f" RabbitMQ's consumer timeout ({CONSUMER_TIMEOUT_SECONDS} s): a task past it"
+                " has its channel closed and its message redelivered while it still runs"
+            )
+        return self
 
     @model_validator(mode="after")
     def _no_placeholders_in_production(self) -> Settings:

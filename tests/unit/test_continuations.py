@@ -12,7 +12,7 @@ import pytest
 from celery import Task
 from celery.exceptions import Retry
 
-from shared.protocol import HARD_LIMIT_MARGIN, MAX_PRIORITY
+from shared.protocol import MAX_PRIORITY
 from shared.schemas import ScanConfig, ScanTaskPayload
 from shared.settings import Settings
 from shared.store import ShardRow
@@ -54,7 +54,7 @@ def test_shards_and_merges_of_a_low_scan_are_published_at_the_top_priority() -> 
 def test_a_sharded_scans_reap_deadline_allows_a_continuation_its_queue_wait() -> None:
     settings = Settings(max_scan_seconds=600, db_retry_seconds=5)
     reap = sharded_reap_seconds(low_job(), [], settings)
-    wait = 600 + HARD_LIMIT_MARGIN  # a worker process ending the longest task it may run
+    wait = 600 + settings.hard_limit_margin  # a worker process ending the longest task it may run
     assert reap >= merge_limits(settings)[0] + wait + retry_budget(5)
 
 

@@ -69,3 +69,11 @@ def test_a_ceiling_too_low_for_the_time_bound_is_refused_naming_it() -> None:
         ParsedScan(request, Settings(max_scan_seconds=1500, probe_rate_ceiling=10))
     assert refused.value.field == "config.rate"
     assert ParsedScan(request, Settings(probe_rate_ceiling=100)).port_count == 65535
+
+
+def test_a_hard_limit_past_rabbitmqs_consumer_timeout_is_refused_at_start() -> None:
+    assert Settings(max_scan_seconds=1500, hard_limit_margin=299).hard_limit_margin == 299
+    with pytest.raises(ValidationError, match="consumer timeout"):
+        Settings(max_scan_seconds=1500, hard_limit_margin=300)
+    with pytest.raises(ValidationError):
+        Settings(hard_limit_margin=5)  # no time left for the final writes
