@@ -108,7 +108,8 @@ def test_sigterm_requeues_running_scans_within_the_bound(
 ) -> None:
     # Each scan waits 5 s on its silent port, longer than the 3 s shutdown bound.
     batch = Batch("worker SIGTERM", stack, api_key, scan_ports(listeners, silent_port), 5.0)
-    batch.submit(2)  # one for each worker process
+    # One for each worker process, and one prefetched that has not started: all handed back.
+    batch.submit(3)
     batch.wait_running(at_least=2)
     assert stack.worker is not None
     stack.worker.popen.send_signal(signal.SIGTERM)
@@ -120,7 +121,7 @@ def test_sigterm_requeues_running_scans_within_the_bound(
     stack.start_worker()
     counts = batch.settle(report)
     assert_nothing_lost(counts)
-    assert counts["completed"] == 2, counts
+    assert counts["completed"] == 3, counts
     assert code is not None
 
 
