@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,30 @@ def sharding_api(settings: Settings, run_dir: Path, database: str) -> Iterator[s
         yield base_url(sharded)
 
 
+@pytest.fixture
+def window(listeners: list[int]) -> Iterator[int]:
+    """The first of 200 loopback ports around ``listeners``, the rest of them held bound (not
+    listening) for the test: a gateway, metrics server or stand-in another test starts on a
+    free port cannot land among them and show up as open."""
+    low = min(listeners) - 60
+    held: list[socket.socket] = []
+    try:
+        for port in range(low, low + 200):
+            if port in listeners:
+                continue
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()  # someone has it already: a closed port, or theirs
+                continue
+            held.append(sock)
+        yield low
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def follow(client: httpx.Client, task_id: str, timeout: float = 60) -> list[dict[str, Any]]:
     seen: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
@@ -46,9 +71,14 @@ def follow_sync(url: str, key: str, task_id: str) -> list[dict[str, Any]]:
 
 
 async def test_sharded_scan_has_one_task_combined_progress_and_one_result(
-    sharding_api: str, api_key: str, listeners: list[int], silent_port: int, store: ScanStore
+    sharding_api: str,
+    api_key: str,
+    listeners: list[int],
+    window: int,
+    silent_port: int,
+    store: ScanStore,
 ) -> None:
-    low = min(listeners) - 60
+    low = window
     spec = f"{low}-{low + 199},{silent_port}"
     total = len({*range(low, low + 200), silent_port})
     async with httpx.AsyncClient(
@@ -85,9 +115,9 @@ async def test_sharded_scan_has_one_task_combined_progress_and_one_result(
 
 
 def test_sharded_scan_can_be_cancelled(
-    sharding_api: str, api_key: str, listeners: list[int], silent_port: int
+    sharding_api: str, api_key: str, window: int, silent_port: int
 ) -> None:
-    low = min(listeners) - 60
+    low = window
     with httpx.Client(base_url=sharding_api, headers=auth(api_key), timeout=10) as client:
         task_id = client.post(
             "/api/scan",
@@ -111,11 +141,11 @@ def test_sharded_scan_can_be_cancelled(
 
 
 async def test_cancel_after_the_shards_finished_still_revokes(
-    sharding_api: str, api_key: str, listeners: list[int], store: ScanStore
+    sharding_api: str, api_key: str, listeners: list[int], window: int, store: ScanStore
 ) -> None:
     """Shards of closed ports finish in milliseconds; the merge, which would identify the open
     ports for up to 3 s, must honour a cancel that came after them."""
-    low = min(listeners) - 60
+    low = window
     async with httpx.AsyncClient(
         base_url=sharding_api, headers=auth(api_key), timeout=10
     ) as client:
