@@ -34,7 +34,6 @@ from shared.settings import Settings
 from shared.store import ScanRow, ScanStore
 from shared.targets import parse_target
 from worker_service.lifecycle import (
-    MAX_RETRIES,
     Cancelled,
     Completed,
     Delivery,
@@ -47,6 +46,7 @@ from worker_service.lifecycle import (
     queue_wait_seconds,
     retry_budget,
     run_watched,
+    start_delivery,
 )
 from worker_service.plan import (
     Shard,
@@ -200,16 +200,17 @@ async def deliver_scan(
 ) -> tuple[Outcome, ScanRow | None]:
     """What this delivery of ``job`` comes to, and the scan's row when it could be read."""
     settings = runtime.settings
-    deadline = delivery.work_deadline.sooner(settings.db_retry_seconds)
-    try:
-        store = await retry(runtime.store, deadline, what=f"scan {job.scan_id}")
-        reap = delivery.reap_seconds(settings.db_retry_seconds)
-        row = await retry(lambda: store.mark_running(job.scan_id, reap), deadline)
-    except TRANSIENT_ERRORS as exc:
-        reason = f"database unavailable before the scan could start: {exc!r}"
-        if delivery.retries < MAX_RETRIES:
-            return RetryLater(reason), None
-        return Requeue(reason), None  # nothing recorded: the message must not be dropped
+    reap = delivery.reap_seconds(settings.db_retry_seconds)
+    started = await start_delivery(
+        runtime.store,
+        delivery,
+        settings.db_retry_seconds,
+        f"scan {job.scan_id}",
+        lambda store: store.mark_running(job.scan_id, reap),
+    )
+    if isinstance(started, RetryLater | Requeue):
+        return started, None
+    store, row = started
     if row is None:
         return Failed(f"scan {job.scan_id} was never accepted by the gateway"), None
     if row.state == "running" and row.lost_deliveries >= MAX_DELIVERIES:

@@ -14,11 +14,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 from uuid import UUID
 
 from shared.protocol import HARD_LIMIT_MARGIN
-from shared.retry import TRANSIENT_ERRORS, Deadline
+from shared.retry import TRANSIENT_ERRORS, Deadline, retry
 from shared.schemas import ScanResult
 from shared.store import ScanStore, ShardRow
 
@@ -134,6 +134,29 @@ _ENDED = {"completed": SUCCESS, "failed": FAILURE, "revoked": REVOKED}
 Outcome = Completed | Sharded | Skipped | Cancelled | Failed | RetryLater | Requeue
 
 Write = Callable[[ScanStore], Awaitable[Any]]
+
+
+T = TypeVar("T")
+
+
+async def start_delivery(
+    store: Callable[[], Awaitable[ScanStore]],
+    delivery: Delivery,
+    db_retry_seconds: float,
+    what: str,
+    start: Callable[[ScanStore], Awaitable[T]],
+) -> tuple[ScanStore, T] | RetryLater | Requeue:
+    """Open the process's store and record the start of ``what`` (a scan, a shard, a merge),
+    retried until the delivery's start deadline. A database still away then makes the
+    delivery a :class:`RetryLater`, or a :class:`Requeue` once its retries are spent: nothing
+    was recorded, so the message must not be dropped."""
+    deadline = delivery.work_deadline.sooner(db_retry_seconds)
+    try:
+        opened = await retry(store, deadline, what=what)
+        return opened, await retry(lambda: start(opened), deadline)
+    except TRANSIENT_ERRORS as exc:
+        reason = f"database unavailable before {what} could start: {exc!r}"
+        return RetryLater(reason) if delivery.retries < MAX_RETRIES else Requeue(reason)
 
 
 class Ending(Protocol):

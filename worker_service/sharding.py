@@ -34,7 +34,7 @@ from shared.protocol import MAX_DELIVERIES
 from shared.redis_keys import shards_key
 from shared.retry import TRANSIENT_ERRORS, retry
 from shared.schemas import HostResult, PortResult, ScanProgress, ScanResult, ScanTaskPayload
-from shared.store import ScanRow, ShardOutcome, ShardRow
+from shared.store import ScanRow, ScanStore, ShardOutcome, ShardRow
 from shared.targets import parse_target
 from worker_service.job import (
     Runtime,
@@ -55,6 +55,7 @@ from worker_service.lifecycle import (
     RetryLater,
     Skipped,
     run_watched,
+    start_delivery,
 )
 from worker_service.plan import known_states, shard_payload
 from worker_service.probe.identify import ServiceInfo
@@ -175,14 +176,17 @@ async def deliver_shard(
 ) -> tuple[ShardDelivery, ScanRow | None]:
     """Sweep shard ``index`` of ``job`` and record its outcome; a ``Failed`` fails the scan."""
     settings = runtime.settings
-    deadline = delivery.work_deadline.sooner(settings.db_retry_seconds)
-    try:
-        store = await retry(runtime.store, deadline, what=f"shard {index} of {job.scan_id}")
-        reap = delivery.hard + sharded_reap_seconds(job, [], settings)
-        started = await retry(lambda: store.shard_started(job.scan_id, index, reap), deadline)
-    except TRANSIENT_ERRORS as exc:
-        reason = f"database unavailable before shard {index} could start: {exc!r}"
-        return (RetryLater(reason) if delivery.retries < MAX_RETRIES else Requeue(reason)), None
+    reap = delivery.hard + sharded_reap_seconds(job, [], settings)
+    opened = await start_delivery(
+        runtime.store,
+        delivery,
+        settings.db_retry_seconds,
+        f"shard {index} of {job.scan_id}",
+        lambda store: store.shard_started(job.scan_id, index, reap),
+    )
+    if isinstance(opened, RetryLater | Requeue):
+        return opened, None
+    store, started = opened
     if started is None:
         return Skipped("revoked"), None  # the scan was deleted
     shard, row = started
@@ -294,17 +298,18 @@ async def deliver_merge(
     """Join the shards' outcomes into the scan's one result, identifying services on its open
     ports under the merge's time limit and the cancel watch."""
     settings = runtime.settings
-    deadline = delivery.work_deadline.sooner(settings.db_retry_seconds)
     reap = delivery.reap_seconds(settings.db_retry_seconds)
-    try:
-        store = await retry(runtime.store, deadline, what=f"merge of {job.scan_id}")
-        started = await retry(
-            lambda: store.merge_started(job.scan_id, delivery.task_id, reap), deadline
-        )
-        shards = await retry(lambda: store.shards(job.scan_id), deadline) if started else []
-    except TRANSIENT_ERRORS as exc:
-        reason = f"database unavailable before the merge: {exc!r}"
-        return (RetryLater(reason) if delivery.retries < MAX_RETRIES else Requeue(reason)), None
+
+    async def claim(store: ScanStore) -> tuple[tuple[ScanRow, bool] | None, list[ShardRow]]:
+        started = await store.merge_started(job.scan_id, delivery.task_id, reap)
+        return started, list(await store.shards(job.scan_id)) if started else []
+
+    opened = await start_delivery(
+        runtime.store, delivery, settings.db_retry_seconds, f"the merge of {job.scan_id}", claim
+    )
+    if isinstance(opened, RetryLater | Requeue):
+        return opened, None
+    store, (started, shards) = opened
     if started is None:
         return Skipped("revoked"), None
     row, claimed = started
