@@ -42,6 +42,10 @@ class RedisGate:
     def failed(self) -> None:
         self.down_until = time.monotonic() + REDIS_BACKOFF
 
+    def answered(self) -> None:
+        """A write went through: Redis is back, progress need not wait out the backoff."""
+        self.down_until = 0.0
+
 
 class EventLog:
     """Writes to one scan's event stream; a Redis outage costs progress, never the scan.
@@ -132,6 +136,7 @@ class EventLog:
             if release is not None:
                 self._release(release)  # its own chance: the pipeline may have failed before it
             return False
+        self.gate.answered()
         self._held.clear()
         return True
 
@@ -161,6 +166,8 @@ class EventLog:
         except (RedisError, OSError) as exc:
             log.warning("scan %s: active slot not renewed: %r", self.task_id, exc)
             self.gate.failed()
+            return
+        self.gate.answered()
 
     def _release(self, owner: Any) -> None:
         try:

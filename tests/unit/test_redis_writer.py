@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.retry import REDIS_RETRIES, async_redis_retry, redis_retry
+from shared.settings import Settings
 from worker_service.reporting import EventLog, RedisGate
 
 
@@ -98,6 +99,7 @@ def test_a_hung_redis_costs_no_progress_write_once_it_timed_out(
         for events in scans:
             events.post_latest(partial(events.write, ("progress", {"step": step})))
     writer.submit(lambda: None).result(30)
+    client.close()
     assert not gate.available  # a timeout paused every scan's progress writes
     # The slot renewals each went out (1 + REDIS_RETRIES tries), however down Redis looked: a
     # slot left unrenewed would hold the key's capacity for a day. Not one of the 100
@@ -117,3 +119,19 @@ async def test_a_gateway_client_tries_a_hung_redis_once_more_not_ten_times(
         await client.ping()
     await client.aclose()
     assert 1 <= len(received) <= 1 + REDIS_RETRIES, [r[:60] for r in received]
+
+
+def test_a_write_that_goes_through_ends_the_backoff(
+    writer: ThreadPoolExecutor, settings: Settings
+) -> None:
+    """Redis is back: a new scan's slot renewal goes through, and progress resumes at once,
+    not after the backoff of an earlier scan's failure."""
+    gate = RedisGate()
+    gate.failed()
+    client = redis.Redis.from_url(settings.redis_url)
+    events = EventLog(client, settings.redis_prefix, "task", 60, writer=writer, gate=gate)
+    assert not events.available
+    events.hold_slot("owner", 60)  # the real Redis answers (a ZADD XX of no member: a no-op)
+    writer.submit(lambda: None).result(10)
+    client.close()
+    assert events.available
