@@ -26,16 +26,31 @@ from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 from redis.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import WatchError
 
 from shared.errors import InvalidScan
+from shared.protocol import STORING
 
 log = logging.getLogger(__name__)
 
 Rider = Callable[[Pipeline, str], object]
 """Adds a task's last writes to the pipeline that stores its final state (given here)."""
 SETTLED = frozenset({*states.READY_STATES, states.RETRY})
-"""States a ``STORING`` or a ``PROGRESS`` written later must leave in place."""
+"""States a ``STORING`` written later must leave in place."""
+PROGRESS_KEEPS = frozenset({*states.READY_STATES, STORING})
+"""States a ``PROGRESS`` written later must leave in place: a final one, and ``STORING`` (a
+result clients read while PostgreSQL is away). Not ``RETRY``: a retried task's next delivery
+reports its progress under the same id."""
+
+
+def keeps(state: str) -> frozenset[str]:
+    """The stored states a write of ``state`` must not replace."""
+    if state == STORING:
+        return SETTLED
+    if state in SETTLED:
+        return frozenset()
+    return PROGRESS_KEEPS
 
 
 class ScanResultBackend(RedisBackend):
@@ -102,9 +117,13 @@ class ScanResultBackend(RedisBackend):
                 if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
                     raise BackendStoreError("value too large for Redis backend", state=state)
                 key = self.get_key_for_task(task_id)
-            # Once more at once: the first write after a Redis restart meets a pooled
-            # connection the restart closed, and would lose the end event and slot release.
-            self.ensure(self._write, (key, value, rider, state), max_retries=1)
+            try:
+                self.ensure(self._write, (key, value, rider, state), max_retries=0)
+            except RedisConnectionError:
+                # Once more at once: the first write after a Redis restart meets a pooled
+                # connection the restart closed, and would lose the end event and slot
+                # release. Not after a timeout: a hung Redis would cost the wait twice.
+                self.ensure(self._write, (key, value, rider, state), max_retries=0)
         except Exception as exc:  # Redis away: see the module's docstring
             log.warning("task %s: final state and end event not written: %r", task_id, exc)
             return False
@@ -112,9 +131,10 @@ class ScanResultBackend(RedisBackend):
 
     def _write(self, key: bytes | None, value: Any, rider: Rider, state: str) -> None:
         with self.client.pipeline() as pipe:
-            if key is not None and state not in SETTLED:
+            keep = keeps(state)
+            if key is not None and keep:
                 pipe.watch(key)  # EXEC fails if any other write to the key comes in between
-                if self._settled(pipe.get(key)):
+                if self._kept(pipe.get(key), keep):
                     log.info("%r: %s not written over a settled state", key, state)
                     return
                 pipe.multi()
@@ -124,14 +144,14 @@ class ScanResultBackend(RedisBackend):
             rider(pipe, state)
             try:
                 pipe.execute()
-            except WatchError:  # only an unsettled state watches: the key moved on, leave it
+            except WatchError:  # only a guarded write watches: the key moved on, leave it
                 log.info("%r: %s not written, the task's state changed meanwhile", key, state)
 
-    def _settled(self, stored: Any) -> bool:
+    def _kept(self, stored: Any, keep: frozenset[str]) -> bool:
         if stored is None:
             return False
         meta = self.decode(stored)
-        return isinstance(meta, dict) and meta.get("status") in SETTLED
+        return isinstance(meta, dict) and meta.get("status") in keep
 
 
 def _no_rider(_pipe: Pipeline, _state: str) -> None:

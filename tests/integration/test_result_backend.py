@@ -195,10 +195,21 @@ def test_late_progress_never_replaces_a_settled_state(
     scan = Scan(settings, client)
     backend.store_result(scan.task_id, {"progress": 10}, "PROGRESS")
     assert scan.stored_state() == "PROGRESS"
-    for settled in (states.SUCCESS, states.REVOKED):
+    for settled in (STORING, states.SUCCESS, states.REVOKED):
         assert backend.finish(scan.task_id, settled, {}, lambda _pipe, _state: None)
         backend.store_result(scan.task_id, {"progress": 99}, "PROGRESS")
         assert scan.stored_state() == settled
+
+
+def test_a_retried_tasks_next_delivery_reports_progress_again(
+    settings: Settings, client: redis.Redis
+) -> None:
+    """Celery stores RETRY under the task's id; its next delivery's progress replaces it."""
+    backend = backend_for(settings)
+    scan = Scan(settings, client)
+    assert backend.finish(scan.task_id, states.RETRY, {}, lambda _pipe, _state: None)
+    backend.store_result(scan.task_id, {"progress": 5}, "PROGRESS")
+    assert scan.stored_state() == "PROGRESS"
 
 
 def test_a_result_the_task_will_return_is_not_stored_twice(
