@@ -246,9 +246,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _hard_limit_under_the_consumer_timeout(self) -> Settings:
-        if self.max_scan_seconds + self.hard_limit_margin >= CONSUMER_TIMEOUT_SECONDS:
+        longest = max(self.max_scan_seconds, self.merge_time_limit)
+        if longest + self.hard_limit_margin >= CONSUMER_TIMEOUT_SECONDS:
             raise ValueError(
-                "CYBERSEC_MAX_SCAN_SECONDS + CYBERSEC_HARD_LIMIT_MARGIN must stay under"
+                "CYBERSEC_MAX_SCAN_SECONDS (and CYBERSEC_MERGE_TIME_LIMIT)"
+                " + CYBERSEC_HARD_LIMIT_MARGIN must stay under"
                 f" RabbitMQ's consumer timeout ({CONSUMER_TIMEOUT_SECONDS} s): a task past it"
                 " has its channel closed and its message redelivered while it still runs"
             )

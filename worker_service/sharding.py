@@ -34,7 +34,7 @@ from shared.protocol import MAX_DELIVERIES
 from shared.redis_keys import shards_key
 from shared.retry import TRANSIENT_ERRORS, retry
 from shared.schemas import HostResult, PortResult, ScanProgress, ScanResult, ScanTaskPayload
-from shared.store import ScanRow, ScanStore, ShardOutcome, ShardRow
+from shared.store import ScanRow, ShardOutcome, ShardRow
 from shared.targets import parse_target
 from worker_service.job import (
     Runtime,
@@ -300,18 +300,26 @@ async def deliver_merge(
     settings = runtime.settings
     reap = delivery.reap_seconds(settings.db_retry_seconds)
 
-    async def claim(store: ScanStore) -> tuple[tuple[ScanRow, bool] | None, list[ShardRow]]:
-        started = await store.merge_started(job.scan_id, delivery.task_id, reap)
-        return started, list(await store.shards(job.scan_id)) if started else []
-
+    what = f"the merge of {job.scan_id}"
     opened = await start_delivery(
-        runtime.store, delivery, settings.db_retry_seconds, f"the merge of {job.scan_id}", claim
+        runtime.store,
+        delivery,
+        settings.db_retry_seconds,
+        what,
+        lambda store: store.merge_started(job.scan_id, delivery.task_id, reap),
     )
     if isinstance(opened, RetryLater | Requeue):
         return opened, None
-    store, (started, shards) = opened
+    store, started = opened
     if started is None:
         return Skipped("revoked"), None
+    # Read on its own: a retry of this read must not count the merge's delivery again.
+    deadline = delivery.work_deadline.sooner(settings.db_retry_seconds)
+    try:
+        shards = await retry(lambda: store.shards(job.scan_id), deadline)
+    except TRANSIENT_ERRORS as exc:
+        reason = f"database unavailable before {what} could start: {exc!r}"
+        return (RetryLater(reason) if delivery.retries < MAX_RETRIES else Requeue(reason)), None
     row, claimed = started
     if not claimed:
         return DuplicateMerge(row.merge_task or ""), row

@@ -89,7 +89,9 @@ def scan_shard(task: Task[Any, Any], payload: dict[str, Any], parent_id: str, in
     )
     if isinstance(outcome, Recorded):
         if outcome.merge:
-            runtime.drain()  # this shard's progress goes out before the merge can end the scan
+            # This shard's progress goes out before the merge can end the scan; briefly, as
+            # this runs under the hard-limit watch (its full drain comes after the task).
+            runtime.drain(SHARD_DRAIN_SECONDS)
             _publish_merge(task, job, parent_id)
         raise Ignore()
     owner = row.api_key_id if row is not None else None
@@ -228,6 +230,8 @@ class TaskEnding:
         setattr(self.request, OUTCOME_ATTRIBUTE, outcome)
 
 
+SHARD_DRAIN_SECONDS = 2.0
+"""Longest the last shard waits for its progress writes before it publishes the merge."""
 UNEXPECTED = "the worker met an unexpected error (its log has the details)"
 D = TypeVar("D")
 

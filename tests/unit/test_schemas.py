@@ -75,5 +75,7 @@ def test_a_hard_limit_past_rabbitmqs_consumer_timeout_is_refused_at_start() -> N
     assert Settings(max_scan_seconds=1500, hard_limit_margin=299).hard_limit_margin == 299
     with pytest.raises(ValidationError, match="consumer timeout"):
         Settings(max_scan_seconds=1500, hard_limit_margin=300)
+    with pytest.raises(ValidationError, match="consumer timeout"):
+        Settings(merge_time_limit=1790)  # the merge's hard limit too
     with pytest.raises(ValidationError):
         Settings(hard_limit_margin=5)  # no time left for the final writes
