@@ -12,11 +12,11 @@ from aio_pika.abc import AbstractChannel
 
 from shared.protocol import LimitPolicy, TaskMessage, build_scan_message, queue_arguments
 from shared.schemas import Priority, ScanConfig, ScanTaskPayload
-from shared.settings import Settings
 from shared.store import ScanStore
 
 BENCH_ORIGIN = "bench@localhost"
-BENCH_LIMITS = LimitPolicy.of(Settings())
+BENCH_LIMITS = LimitPolicy(cap=1500, margin=30, rate_ceiling=0)
+"""The time-limit settings of the defaults (what the benchmarks' stacks run with)."""
 
 
 def amqp_message(message: TaskMessage) -> aio_pika.Message:

@@ -162,10 +162,12 @@ class Process:
     def discard(self) -> None:
         """SIGKILL the process and every process it forked, for a teardown that asserts nothing
         of the shutdown (tested on its own): an idle Celery worker takes ~1.7 s to stop."""
-        # Even when the leader is gone: the processes it forked may still be there.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(10)
+        # Even when the leader has exited (the processes it forked may still be there), as long
+        # as it is not reaped yet: until then its pid, the group's id, cannot be reused.
+        if self.popen.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
         self._log_file.close()
 
 

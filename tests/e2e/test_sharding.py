@@ -6,6 +6,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -28,13 +29,25 @@ def sharding_api(settings: Settings, run_dir: Path, database: str) -> Iterator[s
         yield base_url(sharded)
 
 
+@dataclass(frozen=True)
+class Window:
+    low: int
+    """The first of 200 loopback ports around the listeners."""
+    taken: frozenset[int]
+    """Ports of the window something else had already: they may be open, theirs."""
+
+    def ours(self, open_ports: list[int]) -> list[int]:
+        return [port for port in open_ports if port not in self.taken]
+
+
 @pytest.fixture
-def window(listeners: list[int]) -> Iterator[int]:
-    """The first of 200 loopback ports around ``listeners``, the rest of them held bound (not
-    listening) for the test: a gateway, metrics server or stand-in another test starts on a
-    free port cannot land among them and show up as open."""
+def window(listeners: list[int]) -> Iterator[Window]:
+    """200 loopback ports around ``listeners``, the others held bound (not listening: still
+    closed to a connect) for the test, so a gateway, metrics server or stand-in that another
+    test starts on a free port cannot land among them and show up as open."""
     low = min(listeners) - 60
     held: list[socket.socket] = []
+    taken: set[int] = set()
     try:
         for port in range(low, low + 200):
             if port in listeners:
@@ -43,10 +56,11 @@ def window(listeners: list[int]) -> Iterator[int]:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
-                sock.close()  # someone has it already: a closed port, or theirs
+                sock.close()
+                taken.add(port)
                 continue
             held.append(sock)
-        yield low
+        yield Window(low, frozenset(taken))
     finally:
         for sock in held:
             sock.close()
@@ -74,11 +88,11 @@ async def test_sharded_scan_has_one_task_combined_progress_and_one_result(
     sharding_api: str,
     api_key: str,
     listeners: list[int],
-    window: int,
+    window: Window,
     silent_port: int,
     store: ScanStore,
 ) -> None:
-    low = window
+    low = window.low
     spec = f"{low}-{low + 199},{silent_port}"
     total = len({*range(low, low + 200), silent_port})
     async with httpx.AsyncClient(
@@ -101,7 +115,7 @@ async def test_sharded_scan_has_one_task_combined_progress_and_one_result(
     result = final["result"]
     assert result["shards"] == 5
     assert result["total_ports_scanned"] == total
-    assert [p["port"] for p in result["open_ports"]] == listeners
+    assert window.ours([p["port"] for p in result["open_ports"]]) == listeners
     assert result["filtered_ports"] == 1
     shard_progress = [s for s in states if s["state"] == "PROGRESS"]
     assert shard_progress, [s["state"] for s in states]
@@ -115,9 +129,9 @@ async def test_sharded_scan_has_one_task_combined_progress_and_one_result(
 
 
 def test_sharded_scan_can_be_cancelled(
-    sharding_api: str, api_key: str, window: int, silent_port: int
+    sharding_api: str, api_key: str, window: Window, silent_port: int
 ) -> None:
-    low = window
+    low = window.low
     with httpx.Client(base_url=sharding_api, headers=auth(api_key), timeout=10) as client:
         task_id = client.post(
             "/api/scan",
@@ -141,11 +155,11 @@ def test_sharded_scan_can_be_cancelled(
 
 
 async def test_cancel_after_the_shards_finished_still_revokes(
-    sharding_api: str, api_key: str, listeners: list[int], window: int, store: ScanStore
+    sharding_api: str, api_key: str, listeners: list[int], window: Window, store: ScanStore
 ) -> None:
     """Shards of closed ports finish in milliseconds; the merge, which would identify the open
     ports for up to 3 s, must honour a cancel that came after them."""
-    low = window
+    low = window.low
     async with httpx.AsyncClient(
         base_url=sharding_api, headers=auth(api_key), timeout=10
     ) as client:
@@ -174,5 +188,5 @@ async def test_cancel_after_the_shards_finished_still_revokes(
     assert final["state"] == "REVOKED", final
     result = final["result"]
     assert result["status"] == "revoked"
-    assert [p["port"] for p in result["open_ports"]] == listeners
+    assert window.ours([p["port"] for p in result["open_ports"]]) == listeners
     assert all(p.get("banner") is None for p in result["open_ports"])

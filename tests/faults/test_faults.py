@@ -108,7 +108,7 @@ def test_sigterm_requeues_running_scans_within_the_bound(
 ) -> None:
     # Each scan waits 5 s on its silent port, longer than the 3 s shutdown bound.
     batch = Batch("worker SIGTERM", stack, api_key, scan_ports(listeners, silent_port), 5.0)
-    # One for each worker process, and one prefetched that has not started: all handed back.
+    # One running in each worker process, and a third still queued: all end exactly once.
     batch.submit(3)
     batch.wait_running(at_least=2)
     assert stack.worker is not None
