@@ -70,9 +70,9 @@ def test_sigterm_hands_every_running_scan_back_within_the_bound(
     report: list[dict[str, Any]],
 ) -> None:
     stack = threads_stack
-    # Each scan waits 6 s on its silent port, longer than the 3 s shutdown bound.
+    # Each scan waits 4.5 s on its silent port, longer than the 3 s shutdown bound.
     ports = scan_ports(listeners, silent_port)
-    batch = Batch("threads worker SIGTERM", stack, api_key, ports, 6.0, retries=0)
+    batch = Batch("threads worker SIGTERM", stack, api_key, ports, 4.5, retries=0)
     batch.submit(3)
     batch.wait_running(at_least=3)
     assert stack.worker is not None
