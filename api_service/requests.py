@@ -12,7 +12,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from api_service.errors import ApiError
 from shared.ports import PortSpecError, count_ports, parse_port_ranges
-from shared.protocol import paced_rate
+from shared.protocol import too_slow
 from shared.schemas import ScanRequest
 from shared.settings import Settings
 from shared.targets import Target, TargetError, network_hosts, parse_target
@@ -91,18 +91,9 @@ class ParsedScan:
         self.hosts = 1
         if self.target.kind == "network":
             self.hosts = len(network_hosts(ipaddress.ip_network(self.target.value)))
-        rate = paced_rate(scan.config.rate, settings.probe_rate_ceiling)
-        if rate is not None and self.port_count * self.hosts / rate > settings.max_scan_seconds:
-            # Each (address, port) pair costs at least one probe: no time limit could hold it.
-            pairs = self.port_count * self.hosts
-            capped = scan.config.rate is None or rate < scan.config.rate
-            why = " (the workers' CYBERSEC_PROBE_RATE_CEILING)" if capped else ""
-            raise ApiError(
-                422,
-                f"{pairs} probes at rate {rate}/s{why} take at least {pairs / rate:.0f} s; the"
-                f" bound is {settings.max_scan_seconds} s (CYBERSEC_MAX_SCAN_SECONDS)",
-                field="config.rate",
-            )
+        slow = too_slow(self.port_count, self.hosts, scan.config.rate, settings)
+        if slow is not None:
+            raise ApiError(422, slow, field="config.rate")
 
     def cache_key(self) -> bytes:
         """Identifies what the scan would find: target, ports and config (not priority)."""

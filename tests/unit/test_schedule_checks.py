@@ -39,6 +39,23 @@ async def test_the_per_scan_bounds_are_checked_by_counting_ports() -> None:
     assert wide.field == "target"
 
 
+async def test_a_run_its_rate_cannot_finish_in_time_is_refused_as_the_gateway_would() -> None:
+    """65,535 ports at 10 probes/s (its own rate, or the workers' ceiling) take 6,554 s: every
+    run would fail at its time limit."""
+    settings = Settings(max_scan_seconds=1500)
+    slow = await check_schedule(spec(ports="1-65535", config={"rate": 10}), settings, LOOPBACK)
+    assert slow is not None
+    assert (slow.code, slow.field) == ("invalid", "config.rate")
+    ceiling = Settings(max_scan_seconds=1500, probe_rate_ceiling=10)
+    capped = await check_schedule(spec(ports="1-65535"), ceiling, LOOPBACK)
+    assert capped is not None
+    assert "CYBERSEC_PROBE_RATE_CEILING" in capped.reason
+    assert (
+        await check_schedule(spec(ports="1-65535", config={"rate": 100}), settings, LOOPBACK)
+        is None
+    )
+
+
 async def test_the_policy_and_the_exclusions_refuse() -> None:
     settings = Settings()
     denied = await check_schedule(spec(), settings, TargetPolicy(own=()))
