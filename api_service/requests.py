@@ -12,7 +12,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from api_service.errors import ApiError
 from shared.ports import PortSpecError, count_ports, parse_port_ranges
-from shared.protocol import too_slow
+from shared.protocol import LimitPolicy, too_slow
 from shared.schemas import ScanRequest
 from shared.settings import Settings
 from shared.targets import Target, TargetError, network_hosts, parse_target
@@ -91,7 +91,7 @@ class ParsedScan:
         self.hosts = 1
         if self.target.kind == "network":
             self.hosts = len(network_hosts(ipaddress.ip_network(self.target.value)))
-        slow = too_slow(self.port_count, self.hosts, scan.config.rate, settings)
+        slow = too_slow(self.port_count, self.hosts, scan.config.rate, LimitPolicy.of(settings))
         if slow is not None:
             raise ApiError(422, slow, field="config.rate")
 

@@ -48,9 +48,6 @@ def queue_arguments(dead_letter_queue: str) -> dict[str, Any]:
     }
 
 
-HARD_LIMIT_MARGIN: Final = 30
-
-
 @dataclass(frozen=True, slots=True)
 class LimitPolicy:
     """The settings every scan's time limits follow from; the gateway, the dispatcher and the
@@ -77,18 +74,18 @@ def paced_rate(rate: int | None, ceiling: int) -> int | None:
     return min(rates) if rates else None
 
 
-def too_slow(port_count: int, host_count: int, rate: int | None, settings: Settings) -> str | None:
+def too_slow(port_count: int, host_count: int, rate: int | None, limits: LimitPolicy) -> str | None:
     """Why a scan cannot end within ``CYBERSEC_MAX_SCAN_SECONDS`` at the rate it is paced to
     (its ``config.rate`` under the workers' ceiling), or None: each (address, port) pair costs
     at least one probe, so no time limit could hold it. The gateway and schedules both ask."""
-    paced = paced_rate(rate, settings.probe_rate_ceiling)
+    paced = paced_rate(rate, limits.rate_ceiling)
     pairs = port_count * host_count
-    if paced is None or pairs / paced <= settings.max_scan_seconds:
+    if paced is None or pairs / paced <= limits.cap:
         return None
     why = " (the workers' CYBERSEC_PROBE_RATE_CEILING)" if rate is None or paced < rate else ""
     return (
         f"{pairs} probes at rate {paced}/s{why} take at least {pairs / paced:.0f} s; the"
-        f" bound is {settings.max_scan_seconds} s (CYBERSEC_MAX_SCAN_SECONDS)"
+        f" bound is {limits.cap} s (CYBERSEC_MAX_SCAN_SECONDS)"
     )
 
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shared.errors import ResolutionFailed, TargetDenied
 from shared.policy import TargetPolicy, excluded_by
 from shared.ports import PortSpecError, count_ports, parse_port_ranges
-from shared.protocol import too_slow
+from shared.protocol import LimitPolicy, too_slow
 from shared.resolve import resolve_target
 from shared.schemas import Priority, ScanConfig, ScanRequest
 from shared.settings import Settings
@@ -364,7 +364,7 @@ async def check_schedule(
     except ResolutionFailed as exc:
         return Refusal(str(exc), "unresolvable_target", "target", transient=True)
     hosts = len(addresses) if target.kind == "network" else 1
-    slow = too_slow(port_count, hosts, schedule.config.rate, settings)
+    slow = too_slow(port_count, hosts, schedule.config.rate, LimitPolicy.of(settings))
     if slow is not None:
         return Refusal(slow, "invalid", "config.rate")
     return _excluded(schedule, addresses)

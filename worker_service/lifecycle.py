@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 from uuid import UUID
 
-from shared.protocol import HARD_LIMIT_MARGIN
 from shared.retry import TRANSIENT_ERRORS, Deadline, retry
 from shared.schemas import ScanResult
 from shared.store import ScanStore, ShardRow
@@ -33,7 +32,7 @@ WRITE_MARGIN_SECONDS = 5.0
 """The last writes of a delivery end this long before its hard limit kills the process."""
 
 
-def queue_wait_seconds(max_scan_seconds: float, margin: float = HARD_LIMIT_MARGIN) -> float:
+def queue_wait_seconds(max_scan_seconds: float, margin: float) -> float:
     """Longest a scan's continuation (a shard, a merge, published at the top priority) waits
     in the queue: until one worker process ends the longest task it may be running."""
     return max_scan_seconds + margin
@@ -139,6 +138,12 @@ Write = Callable[[ScanStore], Awaitable[Any]]
 T = TypeVar("T")
 
 
+def hand_back(delivery: Delivery, reason: str) -> RetryLater | Requeue:
+    """A delivery the database kept from recording its work: retried later while it has
+    retries left, else requeued (what was not recorded must not be dropped)."""
+    return RetryLater(reason) if delivery.retries < MAX_RETRIES else Requeue(reason)
+
+
 async def start_delivery(
     store: Callable[[], Awaitable[ScanStore]],
     delivery: Delivery,
@@ -155,8 +160,7 @@ async def start_delivery(
         opened = await retry(store, deadline, what=what)
         return opened, await retry(lambda: start(opened), deadline)
     except TRANSIENT_ERRORS as exc:
-        reason = f"database unavailable before {what} could start: {exc!r}"
-        return RetryLater(reason) if delivery.retries < MAX_RETRIES else Requeue(reason)
+        return hand_back(delivery, f"database unavailable before {what} could start: {exc!r}")
 
 
 class Ending(Protocol):

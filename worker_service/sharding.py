@@ -45,7 +45,6 @@ from worker_service.job import (
     sharded_reap_seconds,
 )
 from worker_service.lifecycle import (
-    MAX_RETRIES,
     Cancelled,
     Completed,
     Delivery,
@@ -54,6 +53,7 @@ from worker_service.lifecycle import (
     Requeue,
     RetryLater,
     Skipped,
+    hand_back,
     run_watched,
     start_delivery,
 )
@@ -214,8 +214,9 @@ async def deliver_shard(
             write_deadline,
         )
     except TRANSIENT_ERRORS as exc:
-        reason = f"database unavailable while recording shard {index}: {exc!r}"
-        return (RetryLater(reason) if delivery.retries < MAX_RETRIES else Requeue(reason)), row
+        return hand_back(
+            delivery, f"database unavailable while recording shard {index}: {exc!r}"
+        ), row
     if error is not None:
         return Failed(error), row
     return Recorded(merge=last), row
@@ -318,8 +319,7 @@ async def deliver_merge(
     try:
         shards = await retry(lambda: store.shards(job.scan_id), deadline)
     except TRANSIENT_ERRORS as exc:
-        reason = f"database unavailable before {what} could start: {exc!r}"
-        return (RetryLater(reason) if delivery.retries < MAX_RETRIES else Requeue(reason)), None
+        return hand_back(delivery, f"database unavailable before {what} could start: {exc!r}"), None
     row, claimed = started
     if not claimed:
         return DuplicateMerge(row.merge_task or ""), row
